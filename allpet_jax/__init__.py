@@ -1,0 +1,1 @@
+"""ALL-PET in JAX: data, masks, attention, models and training for projection-domain PET."""
