@@ -160,7 +160,8 @@ def _project_angle(lines_padded, t, cells):
     lines = jnp.arange(lines_padded.shape[0], dtype=jnp.int32)
     g = _line_slices(lines_padded, lines, t["start"], cells + 1, unique=True)  # (R, M + 1, N)
     f = t["frac"]
-    q = jnp.einsum("r,rmn->mn", 1.0 - f, g[:, :-1]) + jnp.einsum("r,rmn->mn", f, g[:, 1:])
+    both = jnp.einsum("wr,rmn->wmn", jnp.stack([1.0 - f, f]), g)  # one product for both weights
+    q = both[0, :-1] + both[1, 1:]
     weights = _bin_interpolation(t["bin_cell"], t["bin_frac"], cells)
     return t["ray_mm"] * (weights @ q)
 
