@@ -1,0 +1,1 @@
+"""Training system: data-parallel step, micro-batching, memory budget, checkpoints and metrics."""
