@@ -41,6 +41,12 @@ from jax import lax
 from radon.geometry import Geometry
 from radon.validation import check_array
 
+# Samples per pixel along each line. Each line is read as the piecewise-constant image it is, at
+# half-pixel spacing, which halves the width of both linear interpolations (along the line, and from
+# the sheared grid to the bins): rays are then sharper than Joseph's method, at twice its cost.
+_SUPERSAMPLE = 2
+
+
 @dataclasses.dataclass(frozen=True)
 class _AngleSet:
     """Constant tables for the angles handled along one image axis."""
@@ -52,7 +58,7 @@ class _AngleSet:
     bin_frac: np.ndarray  # (n, B) float32 position of each bin inside that cell
     ray_mm: np.ndarray  # (n,) float32 ray length per line in mm
     lines: int  # R: number of lines (rows, or columns for the transposed case)
-    length: int  # L: pixels per line
+    length: int  # L: samples per line (pixels x _SUPERSAMPLE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,17 +78,19 @@ def _plan(geom: Geometry) -> _Plan:
     along_rows = np.abs(c) >= np.abs(s)
     k = np.arange(B)
 
+    q = p / _SUPERSAMPLE  # sample spacing along a line, mm
+
     def coefficients(idx, transposed):
         cc, ss = c[idx], s[idx]
-        if not transposed:  # line r = image row i at y_i; u indexes columns
-            alpha = b / (p * cc)
-            beta = ss / cc
-            gamma = -(B - 1) / 2 * alpha - (H - 1) / 2 * beta + (W - 1) / 2
+        if not transposed:  # line r = image row i at y_i; u indexes the samples along the row
+            alpha = b / (q * cc)
+            beta = p * ss / (q * cc)
+            gamma = -(B - 1) / 2 * alpha - (H - 1) / 2 * beta + (_SUPERSAMPLE * W - 1) / 2
             ray = p / np.abs(cc)
-        else:  # line r = image column j at x_j; u indexes rows
-            alpha = -b / (p * ss)
-            beta = cc / ss
-            gamma = (H - 1) / 2 + (B - 1) / 2 * b / (p * ss) - (W - 1) / 2 * cc / ss
+        else:  # line r = image column j at x_j; u indexes the samples down the column
+            alpha = -b / (q * ss)
+            beta = p * cc / (q * ss)
+            gamma = (_SUPERSAMPLE * H - 1) / 2 + (B - 1) / 2 * b / (q * ss) - (W - 1) / 2 * beta
             ray = p / np.abs(ss)
         return alpha, beta, gamma, ray
 
@@ -112,8 +120,8 @@ def _plan(geom: Geometry) -> _Plan:
         )
 
     return _Plan(
-        rows=angle_set(row_idx, coeffs[0], H, W),
-        cols=angle_set(col_idx, coeffs[1], W, H),
+        rows=angle_set(row_idx, coeffs[0], H, _SUPERSAMPLE * W),
+        cols=angle_set(col_idx, coeffs[1], W, _SUPERSAMPLE * H),
         cells=cells,
         pad=pad,
     )
@@ -182,13 +190,14 @@ def _backproject_angle(sino_angle, t, cells, pad, length):
 
 
 def _forward_set(lines, aset: _AngleSet, plan: _Plan):
-    """Sinogram rows `(n, B, N)` of one angle set from the lines `(R, L, N)`."""
+    """Sinogram rows `(n, B, N)` of one angle set from the lines `(R, pixels, N)`."""
+    lines = jnp.repeat(lines, _SUPERSAMPLE, axis=1)  # the same piecewise-constant image, finer samples
     lines_padded = jnp.pad(lines, ((0, 0), (plan.pad, plan.pad), (0, 0)))
     return lax.map(lambda t: _project_angle(lines_padded, t, plan.cells), _tables(aset))
 
 
 def _adjoint_set(sino_rows, aset: _AngleSet, plan: _Plan):
-    """Back-projection `(R, L, N)` of the sinogram rows `(n, B, N)` of one angle set."""
+    """Back-projection `(R, pixels, N)` of the sinogram rows `(n, B, N)` of one angle set."""
 
     def body(acc, xs):
         row, t = xs
@@ -196,7 +205,8 @@ def _adjoint_set(sino_rows, aset: _AngleSet, plan: _Plan):
 
     init = jnp.zeros((aset.lines, aset.length, sino_rows.shape[-1]), sino_rows.dtype)
     acc, _ = lax.scan(body, init, (sino_rows, _tables(aset)))
-    return acc
+    R, L, N = acc.shape
+    return acc.reshape(R, L // _SUPERSAMPLE, _SUPERSAMPLE, N).sum(axis=2)  # transpose of the repeat
 
 
 @functools.partial(jax.jit, static_argnums=1)
