@@ -1,0 +1,320 @@
+"""Readers for users' own PET files: `.npy`/`.npz`, MATLAB `.mat` (v5 and v7.3) and NIfTI images.
+
+Every reader returns plain numpy arrays and checks them against the configured `radon.Geometry`, so a
+wrong file fails here, with its name and what is wrong, rather than deep inside a training step.
+
+Layouts
+-------
+- Sinograms: `(n_angles, n_bins)` or `(C, n_angles, n_bins)`; returned as float32 `(C, n_angles, n_bins)`.
+  Values must be finite and, unless `allow_negative`, >= 0. Raw prompts are never negative, but corrected
+  sinograms (randoms/scatter subtracted, like the simulator's, see `simulate.py`) legitimately are in
+  places: pass `allow_negative=True` (`config.data.allow_negative`) for those.
+  (MATLAB's own `radon` returns `(n_bins, n_angles)`: transpose such arrays before saving them.)
+- `.npy`: one array per file. `.npz`/`.mat`: several named variables; pick one with `variable`.
+  Files are always opened with `numpy.load(..., allow_pickle=False)`: pickled object arrays are refused.
+- MATLAB v5 (and v4/v6/v7, all read by `scipy.io.loadmat`) arrays come back exactly as MATLAB shows them.
+  MATLAB v7.3 files are HDF5; MATLAB writes its column-major arrays there with the dimensions reversed,
+  so an `A x B` MATLAB matrix is an HDF5 dataset of shape `(B, A)`. `read_array` reverses all axes of a
+  v7.3 variable (`numpy.transpose`), so both MAT versions give the array in MATLAB's index order.
+- NIfTI (`.nii`, `.nii.gz`): one 2-D activity image per file (`(X, Y)`, or `(X, Y, 1)`), reoriented to the
+  closest canonical RAS+ orientation and then laid out as the simulator's phantoms are (radiological
+  convention, `phantoms.py`): row 0 is the most anterior row (`radon`'s y points up = anterior) and the
+  columns run towards the patient's left (`radon`'s +x = -x_RAS), i.e. `image = data[::-1, ::-1].T`.
+  The voxel size must equal the geometry's `pixel_size`. `load_sinogram` forward-projects the image with `radon.forward` (noise-free line
+  integrals, activity x mm); it does not simulate counts.
+
+What this module is not: it does not resample images, pick slices out of volumes, or simulate data (see
+`simulate.py`); sources that index many files live in `sources.py`.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+import zlib
+
+import numpy as np
+
+from radon import Geometry, forward
+
+SINOGRAM_SUFFIXES = (".npy", ".npz", ".mat")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+SUPPORTED_SUFFIXES = SINOGRAM_SUFFIXES + NIFTI_SUFFIXES
+
+
+class DataFileError(ValueError):
+    """A user's data file cannot be used; the message names the file and the problem."""
+
+    def __init__(self, path, problem: str):
+        self.path = os.fspath(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+def file_format(path) -> str:
+    """'npy', 'npz', 'mat' or 'nifti' from the file name; DataFileError for anything else."""
+    name = os.fspath(path).lower()
+    for suffix, fmt in ((".npy", "npy"), (".npz", "npz"), (".mat", "mat"), (".nii", "nifti"), (".nii.gz", "nifti")):
+        if name.endswith(suffix):
+            return fmt
+    raise DataFileError(path, f"unsupported file type; expected one of {', '.join(SUPPORTED_SUFFIXES)}")
+
+
+def list_variables(path) -> list[str]:
+    """Names of the arrays stored in a `.npz` or `.mat` file (MATLAB's internal `#refs#` etc. excluded)."""
+    fmt = file_format(path)
+    if fmt == "npz":
+        with _open_npz(path) as z:
+            return sorted(z.files)
+    if fmt == "mat":
+        if _is_hdf5(path):
+            with _open_h5(path) as f:
+                return sorted(k for k in f.keys() if not k.startswith("#"))
+        import scipy.io
+
+        try:
+            return sorted(name for name, _, _ in scipy.io.whosmat(os.fspath(path)))
+        except Exception as e:  # scipy raises several unrelated types for a damaged file
+            raise DataFileError(path, f"not a valid MATLAB .mat file ({type(e).__name__}: {e})") from e
+    return []
+
+
+def read_array(path, variable: str | None = None) -> np.ndarray:
+    """The numeric array stored in `path` (variable `variable` for `.npz`/`.mat`), as numpy.
+
+    `variable=None` picks the only variable of a `.npz`/`.mat` file and is an error if there are several.
+    NIfTI files give the image in `radon`'s orientation, `(H, W)` float32 (see the module docstring).
+    """
+    fmt = file_format(path)
+    if fmt == "npy":
+        return _read_npy(path)
+    if fmt == "npz":
+        return _read_npz(path, variable)
+    if fmt == "mat":
+        return _read_mat_h5(path, variable) if _is_hdf5(path) else _read_mat_v5(path, variable)
+    return read_nifti(path)
+
+
+def check_sinogram(x, geom: Geometry, path, what: str = "sinogram", allow_negative: bool = False) -> np.ndarray:
+    """`x` as float32 `(C, n_angles, n_bins)`: finite, of the geometry's shape, and >= 0 unless `allow_negative`."""
+    x = np.asarray(x)
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool) or np.iscomplexobj(x):
+        raise DataFileError(path, f"{what} must be a real numeric array; got dtype {x.dtype}")
+    if x.ndim == 2:
+        x = x[None]
+    expected = geom.sino_shape
+    if x.ndim != 3 or x.shape[1:] != expected:
+        hint = ""
+        if x.ndim in (2, 3) and x.shape[-2:] == expected[::-1]:
+            hint = " (it looks transposed: MATLAB's radon writes (n_bins, n_angles); save the transpose)"
+        raise DataFileError(
+            path,
+            f"{what} has shape {x.shape}, expected (n_angles, n_bins) = {expected} or (C, {expected[0]}, "
+            f"{expected[1]}) for the configured geometry{hint}; fix the file or set data.n_angles/data.n_bins",
+        )
+    return _check_values(x.astype(np.float32), path, what, "counts", allow_negative)
+
+
+def check_image(x, geom: Geometry, path, what: str = "image", allow_negative: bool = False) -> np.ndarray:
+    """`x` as float32 `(H, W)`: finite activity of the geometry's image shape, >= 0 unless `allow_negative`."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.shape != geom.image_shape:
+        raise DataFileError(
+            path,
+            f"{what} has shape {x.shape}, expected (H, W) = {geom.image_shape} for the configured geometry; "
+            "resample the image or set data.image_size",
+        )
+    return _check_values(x, path, what, "activity", allow_negative)
+
+
+def read_nifti(path) -> np.ndarray:
+    """A 2-D NIfTI image as float32 `(H, W)` in `radon`'s orientation (see the module docstring)."""
+    image, _ = _read_nifti_with_spacing(path)
+    return image
+
+
+def load_sinogram(path, geom: Geometry, variable: str | None = None, *, allow_negative: bool = False) -> np.ndarray:
+    """The checked sinogram `(C, n_angles, n_bins)` float32 stored in (or projected from) `path`.
+
+    Sinogram files are read and checked against `geom`. A NIfTI image is checked (shape, voxel size,
+    values) and forward-projected with `radon.forward` into a `(1, n_angles, n_bins)` sinogram.
+    """
+    if file_format(path) != "nifti":
+        return check_sinogram(read_array(path, variable), geom, path, _what(variable), allow_negative)
+    image, spacing = _read_nifti_with_spacing(path)
+    if not np.allclose(spacing, geom.pixel_size, rtol=1e-3):
+        raise DataFileError(
+            path,
+            f"voxel size {tuple(float(s) for s in spacing)} mm differs from the configured pixel_size "
+            f"{geom.pixel_size} mm; set data.pixel_size={float(spacing[0])} or resample the image",
+        )
+    image = check_image(image, geom, path, allow_negative=allow_negative)
+    return np.asarray(forward(image[None], geom), dtype=np.float32)
+
+
+# --- format readers -------------------------------------------------------------------------------------
+
+# Everything numpy, zipfile and zlib raise for a damaged or truncated file.
+_READ_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, TypeError)
+
+
+def _read_npy(path) -> np.ndarray:
+    try:
+        return np.load(os.fspath(path), allow_pickle=False)
+    except FileNotFoundError:
+        raise
+    except ValueError as e:
+        if "allow_pickle" in str(e):
+            raise DataFileError(path, _PICKLE_PROBLEM) from e
+        raise DataFileError(path, f"not a valid .npy file or truncated ({e})") from e
+    except _READ_ERRORS as e:
+        raise DataFileError(path, f"not a valid .npy file or truncated ({type(e).__name__}: {e})") from e
+
+
+_PICKLE_PROBLEM = (
+    "holds a pickled Python object array, which is never loaded (allow_pickle=False for safety); "
+    "re-save it as a plain numeric array, e.g. np.save(path, np.asarray(x, dtype=np.float32))"
+)
+
+
+def _open_npz(path):
+    try:
+        return np.load(os.fspath(path), allow_pickle=False)
+    except FileNotFoundError:
+        raise
+    except _READ_ERRORS as e:
+        raise DataFileError(path, f"not a valid .npz file or truncated ({type(e).__name__}: {e})") from e
+
+
+def _read_npz(path, variable):
+    with _open_npz(path) as z:
+        name = _pick_variable(path, variable, sorted(z.files))
+        try:
+            return z[name]
+        except ValueError as e:
+            if "allow_pickle" in str(e):
+                raise DataFileError(path, f"variable {name!r} {_PICKLE_PROBLEM}") from e
+            raise DataFileError(path, f"variable {name!r} cannot be read: truncated or damaged ({e})") from e
+        except _READ_ERRORS as e:
+            raise DataFileError(
+                path, f"variable {name!r} cannot be read: truncated or damaged ({type(e).__name__}: {e})"
+            ) from e
+
+
+def _pick_variable(path, variable, present: list[str]) -> str:
+    if variable is None:
+        if len(present) == 1:
+            return present[0]
+        raise DataFileError(
+            path, f"holds {len(present)} variables {present}; say which one to read (data.*_variable)"
+        )
+    if variable not in present:
+        raise DataFileError(path, f"has no variable {variable!r}; variables present: {present}")
+    return variable
+
+
+def _read_mat_v5(path, variable):
+    import scipy.io
+
+    names = list_variables(path)
+    name = _pick_variable(path, variable, names)
+    try:
+        value = scipy.io.loadmat(os.fspath(path), variable_names=[name])[name]
+    except Exception as e:  # scipy raises several unrelated types for a damaged file
+        raise DataFileError(path, f"variable {name!r} cannot be read from the .mat file ({type(e).__name__}: {e})") from e
+    if value.dtype.kind not in "biuf":
+        raise DataFileError(
+            path, f"variable {name!r} is a MATLAB {_matlab_kind(value)}, not a numeric array; save a numeric array"
+        )
+    return value
+
+
+def _matlab_kind(value) -> str:
+    if value.dtype.kind == "c":
+        return "complex array"
+    if value.dtype.kind == "O":
+        return "cell array"
+    if value.dtype.names:
+        return "struct"
+    return f"array of dtype {value.dtype}"
+
+
+def _is_hdf5(path) -> bool:
+    import h5py
+
+    try:
+        return bool(h5py.is_hdf5(os.fspath(path)))
+    except OSError:
+        return False
+
+
+def _open_h5(path):
+    import h5py
+
+    try:
+        return h5py.File(os.fspath(path), "r")
+    except OSError as e:
+        raise DataFileError(path, f"not a valid MATLAB v7.3 (HDF5) .mat file or truncated ({e})") from e
+
+
+def _read_mat_h5(path, variable):
+    import h5py
+
+    with _open_h5(path) as f:
+        name = _pick_variable(path, variable, sorted(k for k in f.keys() if not k.startswith("#")))
+        node = f[name]
+        matlab_class = node.attrs.get("MATLAB_class", b"")
+        matlab_class = matlab_class.decode() if isinstance(matlab_class, bytes) else str(matlab_class)
+        if isinstance(node, h5py.Group) or matlab_class in ("struct", "cell") or node.dtype.kind not in "biuf":
+            kind = matlab_class or ("group" if isinstance(node, h5py.Group) else f"dtype {node.dtype}")
+            raise DataFileError(path, f"variable {name!r} is a MATLAB {kind}, not a real numeric array")
+        if "MATLAB_empty" in node.attrs and node.attrs["MATLAB_empty"]:
+            raise DataFileError(path, f"variable {name!r} is an empty MATLAB array")
+        try:
+            value = node[()]
+        except _READ_ERRORS as e:
+            raise DataFileError(path, f"variable {name!r} cannot be read: truncated or damaged ({e})") from e
+    # MATLAB stores column-major arrays in HDF5 with the dimensions reversed; undo it.
+    return np.transpose(np.asarray(value))
+
+
+def _read_nifti_with_spacing(path):
+    import nibabel as nib
+
+    try:
+        img = nib.as_closest_canonical(nib.load(os.fspath(path)))
+        data = np.asarray(img.get_fdata(dtype=np.float32))
+        zooms = img.header.get_zooms()
+    except FileNotFoundError:
+        raise
+    except (nib.filebasedimages.ImageFileError, *_READ_ERRORS) as e:
+        raise DataFileError(path, f"not a valid NIfTI image or truncated ({type(e).__name__}: {e})") from e
+    extra = data.shape[2:]
+    if data.ndim < 2 or any(n != 1 for n in extra):
+        raise DataFileError(
+            path,
+            f"NIfTI image has shape {data.shape}; expected one 2-D slice (X, Y) or (X, Y, 1). "
+            "Extract 2-D axial slices first, e.g. nib.load(path).get_fdata()[:, :, k]",
+        )
+    data = data.reshape(data.shape[:2])
+    # RAS+ voxels -> radiological image: row 0 most anterior (largest y), columns towards the patient's left.
+    image = np.ascontiguousarray(data[::-1, ::-1].T)
+    return image, np.asarray(zooms[:2], dtype=np.float64)
+
+
+def _check_values(x, path, what, quantity, allow_negative=False):
+    finite = np.isfinite(x)
+    if not finite.all():
+        raise DataFileError(path, f"{what} has {int(x.size - finite.sum())} NaN or inf value(s); {quantity} must be finite")
+    if not allow_negative and (x < 0).any():
+        raise DataFileError(
+            path,
+            f"{what} has {int((x < 0).sum())} negative value(s) (minimum {float(x.min()):.4g}); PET {quantity} "
+            "must be >= 0. If these are corrected (randoms/scatter-subtracted) data, set "
+            "data.allow_negative=True (allow_negative=True)",
+        )
+    return x
+
+
+def _what(variable):
+    return "sinogram" if variable is None else f"variable {variable!r}"
