@@ -29,7 +29,7 @@ def test_four_devices_and_micro_batches_match_one_device():
 
 
 def _toy(nan_at=None):
-    def loss_fn(params, batch, keys):
+    def loss_fn(params, frozen, batch, keys):
         err = jnp.mean((batch["x"] @ params["w"] - batch["y"]) ** 2)
         return err, {"mse": err}
 

@@ -94,15 +94,16 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter
     return restored["state"], dict(restored["meta"])
 
 
-def restore_params(checkpoint_dir: str, abstract_state, step: int | None = None):
-    """Only the `state` item of a checkpoint directory (for fine-tuning from a foundation run)."""
-    manager = ocp.CheckpointManager(os.path.abspath(checkpoint_dir), item_names=("state", "meta"))
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint found in {checkpoint_dir}")
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                             meta=ocp.args.JsonRestore()))
-    return restored["state"], dict(restored["meta"])
+def restore_state_only(manager: ocp.CheckpointManager, step: int, abstract_state):
+    """Only the `state` item (to build on an earlier stage without touching its data iterator)."""
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    return restored["state"]
+
+
+def has_checkpoint(workdir: str) -> bool:
+    """Whether `workdir` holds at least one finished checkpoint step."""
+    root = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(root) and any(name.isdigit() for name in os.listdir(root))
 
 
 def abstract(tree):

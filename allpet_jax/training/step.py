@@ -9,8 +9,9 @@ Randomness inside the loss comes from `fold_in(state.key, step)` and then per sa
 sample's global index (`batch['index']`), never from the device or micro-batch number, so a run on
 4 devices or with 4 micro-batches computes the same numbers as one device with the whole batch.
 
-This module knows nothing of the model: `loss_fn(params, batch, keys) -> (loss, parts)` is any pure
-function of a parameter pytree, a micro-batch dict and one key per sample.
+This module knows nothing of the model: `loss_fn(params, frozen, batch, keys) -> (loss, parts)` is any
+pure function of the trained parameters, the frozen ones (e.g. a pretrained autoencoder; not updated),
+a micro-batch dict and one key per sample.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
+LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, dict]]
 
 
 class TrainState(NamedTuple):
@@ -35,6 +36,7 @@ class TrainState(NamedTuple):
     opt_state: Any
     ema: Any
     key: jax.Array  # uint32 key data (raw, so it checkpoints as an array)
+    frozen: Any  # parameters the loss reads but the optimiser never changes ({} when none)
 
 
 def make_optimizer(
@@ -60,13 +62,14 @@ def make_optimizer(
     )
 
 
-def init_state(params, tx: optax.GradientTransformation, seed: int) -> TrainState:
+def init_state(params, tx: optax.GradientTransformation, seed: int, frozen=None) -> TrainState:
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=tx.init(params),
         ema=jax.tree.map(jnp.copy, params),
         key=jax.random.key_data(jax.random.key(seed)),
+        frozen={} if frozen is None else frozen,
     )
 
 
@@ -80,9 +83,9 @@ def _split_micro(tree, n_micro: int):
     return jax.tree.map(lambda x: x.reshape((n_micro, x.shape[0] // n_micro) + x.shape[1:]), tree)
 
 
-def accumulate_gradients(loss_fn: LossFn, params, batch: dict, keys: jax.Array, n_micro: int):
+def accumulate_gradients(loss_fn: LossFn, params, frozen, batch: dict, keys: jax.Array, n_micro: int):
     """Mean loss, parts and gradients over `n_micro` equal micro-batches, summed with `lax.scan`."""
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    grad_fn = jax.value_and_grad(lambda p, b, k: loss_fn(p, frozen, b, k), has_aux=True)
     if n_micro == 1:
         (loss, parts), grads = grad_fn(params, batch, keys)
         return loss, parts, grads
@@ -111,7 +114,7 @@ def device_step(
 ):
     """One optimisation step on this device's slice of the batch. Returns `(new_state, metrics)`."""
     keys = sample_keys(state.key, state.step, batch["index"])
-    loss, parts, grads = accumulate_gradients(loss_fn, state.params, batch, keys, n_micro)
+    loss, parts, grads = accumulate_gradients(loss_fn, state.params, state.frozen, batch, keys, n_micro)
     if axis_name is not None:
         loss, parts, grads = lax.pmean((loss, parts, grads), axis_name)
     grad_norm = optax.tree.norm(grads)
@@ -129,6 +132,7 @@ def device_step(
         opt_state=keep_if_finite(opt_state, state.opt_state),
         ema=keep_if_finite(ema, state.ema),
         key=state.key,
+        frozen=state.frozen,
     )
     metrics = dict(parts, loss=loss, grad_norm=grad_norm, skipped=(~finite).astype(jnp.float32))
     return new_state, metrics

@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 from allpet_jax.training import step as S  # noqa: E402
 
 
-def loss_fn(params, batch, keys):
+def loss_fn(params, frozen, batch, keys):
     noise = jax.vmap(lambda k: jax.random.normal(k, (3,)))(keys) * 0.1
     pred = jnp.tanh((batch["x"] + noise) @ params["w1"]) @ params["w2"] + params["b"]
     err = jnp.mean((pred - batch["y"]) ** 2)

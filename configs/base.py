@@ -1,0 +1,194 @@
+"""Base configuration: paper-scale defaults and smaller presets.
+
+    python train.py --config configs/base.py            # 'default': paper scale, 256 x 256 sinograms
+    python train.py --config configs/base.py:cpu        # a CPU run that finishes in minutes
+    python train.py --config configs/base.py:smoke      # tiny shapes for tests
+    python train.py --config configs/base.py --config.data.task=delayed_frame --config.data.batch_size=8
+
+Empty strings and zeros mean "not set" where a field is optional (so every field keeps one type and can
+be overridden from the command line).
+"""
+
+import ml_collections
+
+PRESETS = ("default", "cpu", "smoke")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    preset = arg or "default"
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
+
+    config = ml_collections.ConfigDict()
+    config.preset = preset
+    config.seed = 0
+
+    # --- data (DESIGN.md 2.2, allpet_jax/data/) ----------------------------------------------------------
+    config.data = data = ml_collections.ConfigDict()
+    data.task = "low_dose"  # one of allpet_jax.data.simulate.TASKS
+    data.source = "simulated"  # 'simulated' (the embedded PET simulator) or 'files' (data.path)
+    # Geometry: image_size x image_size pixels of pixel_size mm; n_angles over [0, pi); n_bins of bin_spacing mm.
+    data.image_size = 256
+    data.n_angles = 256
+    data.n_bins = 256
+    # pixel_size/bin_spacing (mm) are the physical sizes of users' files; the simulator takes only their ratio
+    # and sets its pixel to the region's field of view / image_size (brain 256 mm, body 600 mm).
+    data.pixel_size = 2.0  # mm
+    data.bin_spacing = 2.0  # mm
+    # Samples per split; the paper's low-shot regime is 500 training pairs per task.
+    data.n_train = 500
+    data.n_val = 50
+    data.n_test = 100
+    data.seed = 0  # sample i of a split is a pure function of (seed, split, i)
+    # simulate_pair options (allpet_jax/data/simulate.py); None = drawn per sample. More can be added in Python.
+    data.simulation = ml_collections.ConfigDict({"region": None, "tracer": None, "dose": None, "counts": None})
+    # Cached shards: '' simulates on the fly; a directory is filled once (cache_dir/<split>) and read after.
+    data.cache_dir = ""
+    data.shard_size = 64
+    # Users' files (data.source = 'files'): a directory (optionally with train/val/test subfolders), glob or file.
+    data.path = ""
+    data.source_path = ""  # separate source files (needed for paired .npy/NIfTI data), same order
+    data.format = "auto"  # 'auto' (by suffix), 'npy', 'npz', 'mat' or 'nifti'
+    data.source_variable = "source"  # variable names in .npz/.mat files; '' = target-only data
+    data.target_variable = "target"
+    data.allow_negative = False  # True for corrected (randoms/scatter-subtracted) sinograms, which dip below 0
+    # Normalisation: sinogram / scale; 0 = estimate from the training split (allpet_jax/data/pipeline.py).
+    data.source_scale = 0.0
+    data.target_scale = 0.0
+    # Pipeline.
+    data.batch_size = 16
+    data.num_threads = 4
+    data.prefetch = 8
+
+    if preset == "cpu":
+        data.image_size = data.n_angles = data.n_bins = 64
+        data.pixel_size = data.bin_spacing = 8.0
+        data.n_train, data.n_val, data.n_test = 64, 16, 16
+        data.batch_size = 8
+        data.num_threads, data.prefetch = 2, 2
+    elif preset == "smoke":
+        data.image_size = data.n_angles = data.n_bins = 32
+        data.pixel_size = data.bin_spacing = 16.0
+        data.n_train, data.n_val, data.n_test = 16, 8, 8
+        data.batch_size = 4
+        data.num_threads, data.prefetch = 1, 1
+
+    # --- masks: RMAS / DMM (DESIGN.md 2.3, allpet_jax/masks.py; fields of masks.MaskConfig) -------------
+    # When enabled, the training split is wrapped in masks.RmasSource (n_train * masks_per_sinogram samples,
+    # sample i = (base sinogram i // K, mask seed i % K)) and every batch gets image_mask, sino_mask, n_cells,
+    # positive, negative and full (pipeline.rmas_hook). Val/test keep their length (mask seed 0).
+    config.masks = masks = ml_collections.ConfigDict()
+    masks.enabled = False  # the foundation (synthesis) stage turns it on
+    masks.device = "cpu"  # where the mask step runs ('' = JAX's default device)
+    masks.grid = 8  # G: cells per side of the grid over the field of view
+    masks.count = "uniform"  # k cells: 'fixed' (n_cells), 'uniform' (1..max_cells), 'poisson' (mean_cells, clipped to [1, G*G])
+    masks.n_cells = 1
+    masks.max_cells = 4
+    masks.mean_cells = 3.0
+    masks.layout = "uniform"  # 'uniform', 'clustered' (cluster_sigma_cells) or 'activity' (activity_from, activity_power)
+    masks.cluster_sigma_cells = 1.0
+    masks.activity_from = "fbp"  # 'fbp' of the sinogram, or the known 'image'
+    masks.activity_power = 1.0
+    masks.tau_mm = 0.5  # a ray is in the sinogram mask when it runs more than tau_mm through the image mask
+    masks.mode = "mask"  # 'mask': P = M*S, N = (1-M)*S; 'split': P = R(m*x), N = R((1-m)*x), S := P + N (needs image)
+    masks.masks_per_sinogram = 400  # K
+    masks.sinogram_key = "target"  # the sinogram S that is split
+    masks.image_key = "image"
+
+    # --- tma: transparent medical attention (DESIGN.md 2.4, allpet_jax/attention.py, allpet_jax/rois.py) ---
+    config.tma = tma = ml_collections.ConfigDict()
+    tma.enabled = False  # the task fine-tuning stage turns it on
+    tma.sinogram_key = "source"  # TMA segments the FBP of this sinogram (channel 0)
+    tma.alpha = 1.0  # diffusion loss weight 1 + alpha * A_sino (losses.tma_latent_weight)
+    tma.condition = True  # also feed A_sino to the U-Net as a condition channel
+    tma.roi_file = ""  # JSON list of clinician ROIs (allpet_jax/rois.py), applied after tma.rois
+    tma.rois = []  # ROI dicts, e.g. {"op": "add", "shape": "circle", "center_mm": [10, -20], "radius_mm": 15}
+    # Constants of the segmentation rule (attention.TmaConfig; lengths in mm, levels as ratios).
+    tma.fbp_filter = "hann"
+    tma.fbp_cutoff = 1.0
+    tma.body_sigma_mm = 6.0
+    tma.body_threshold = 0.25
+    tma.body_opening_mm = 8.0
+    tma.lesion_sigma_mm = 3.5
+    tma.reference_sigma_mm = 10.0
+    tma.hyper_ratio = 1.5
+    tma.hyper_floor = 2.0
+    tma.hot_z = 2.0
+    tma.cold_sigma_mm = 5.0
+    tma.tissue_fraction = 0.3
+    tma.edge_mm = 10.0
+    tma.closing_mm = 20.0
+    tma.hypo_ratio = 0.6
+    tma.cold_z = 1.5
+    tma.feather_mm = 1.5
+
+    # --- model: sinogram autoencoder + latent U-Net (DESIGN.md 2.5, allpet_jax/models/) ------------------
+    config.model = model = ml_collections.ConfigDict()
+    model.factor = 4  # autoencoder downsampling: 4 or 8
+    model.latent_channels = 4  # z per sinogram channel
+    model.ae_channels = (64, 128, 256)  # one width per resolution level: log2(factor) + 1 of them
+    model.ae_res_blocks = 1
+    model.reconstruction = "l1"  # autoencoder loss: 'l1' or 'l2'
+    model.kl_weight = 1e-6
+    model.unet_channels = (128, 256, 256)
+    model.unet_res_blocks = 2
+    model.attention_levels = (1, 2)
+    model.num_heads = 4
+
+    # --- diffusion (allpet_jax/diffusion/) ---------------------------------------------------------------
+    config.diffusion = diffusion = ml_collections.ConfigDict()
+    diffusion.schedule = "cosine"  # 'cosine' or 'linear'
+    diffusion.num_steps = 1000
+    diffusion.parameterization = "eps"  # 'eps' or 'v'
+    diffusion.prompt_drop_prob = 0.1  # classifier-free guidance: prompts dropped to the null id
+    diffusion.val_steps = 50  # DDIM steps for validation samples
+    diffusion.consistency_weight = 0.1  # foundation: || D(x0_P) + D(x0_N) - S ||^2 (0 turns it off)
+
+    # --- train (train.py, allpet_jax/training/) ----------------------------------------------------------
+    config.train = train = ml_collections.ConfigDict()
+    train.stages = "autoencoder,foundation,task"  # run in order, each in WORKDIR/<stage>
+    train.steps = {"autoencoder": 20000, "foundation": 100000, "task": 20000}
+    train.learning_rate = 1e-4
+    train.warmup_steps = 1000
+    train.weight_decay = 1e-4
+    train.clip_norm = 1.0
+    train.ema_decay = 0.999
+    train.memory_budget_gb = 0.0  # > 0: pick the largest micro-batch whose compiled step fits (per device)
+    train.n_devices = 0  # 0: every local device
+    train.log_every = 100
+    train.eval_every = 2000
+    train.checkpoint_every = 2000
+    train.keep_checkpoints = 3
+    train.foundation_dir = ""  # task stage: foundation checkpoint dir ('' = WORKDIR/foundation)
+    train.autoencoder_dir = ""  # diffusion stages: autoencoder checkpoint dir ('' = WORKDIR/autoencoder)
+
+    if preset == "cpu":
+        model.ae_channels = (16, 32, 32)
+        model.unet_channels = (64, 128)
+        model.unet_res_blocks = 1
+        model.attention_levels = (1,)
+        diffusion.val_steps = 20
+        train.steps = {"autoencoder": 400, "foundation": 300, "task": 300}
+        train.learning_rate = 5e-4
+        train.warmup_steps = 50
+        train.ema_decay = 0.99
+        train.log_every = 25
+        train.eval_every = 100
+        train.checkpoint_every = 100
+    elif preset == "smoke":
+        model.ae_channels = (8, 16, 16)
+        model.unet_channels = (16, 32)
+        model.unet_res_blocks = 1
+        model.attention_levels = (1,)
+        model.num_heads = 2
+        diffusion.num_steps = 100
+        diffusion.val_steps = 4
+        train.steps = {"autoencoder": 6, "foundation": 4, "task": 4}
+        train.learning_rate = 1e-3
+        train.warmup_steps = 2
+        train.ema_decay = 0.5
+        train.log_every = 2
+        train.eval_every = 3
+        train.checkpoint_every = 3
+
+    return config

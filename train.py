@@ -1,0 +1,270 @@
+"""Train ALL-PET: the sinogram autoencoder, the RMAS foundation model, and low-shot task fine-tuning.
+
+    python train.py --config configs/base.py:cpu --workdir workdir [--config.data.task=low_dose ...]
+
+Each stage in `config.train.stages` runs in `WORKDIR/<stage>`: mesh, data, model and optimiser,
+checkpoint manager (resuming from the latest checkpoint there), then the loop. A later stage reads the
+earlier stages' checkpoints: the diffusion stages freeze the autoencoder of `WORKDIR/autoencoder`, and
+the task stage starts from the U-Net of `WORKDIR/foundation`. With no data path the simulator is the
+data (`allpet_jax/data/`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from allpet_jax.data import pipeline
+from allpet_jax.data.sources import geometry_to_dict
+from allpet_jax.training import checkpointing, memory, stages
+from allpet_jax.training import step as train_step
+from allpet_jax.training.metrics import MetricsWriter
+from allpet_jax.training.preview import save_grid
+from allpet_jax.training.transforms import TmaTransform
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", "configs/base.py", "ml_collections config file[:preset]")
+flags.DEFINE_string("workdir", "workdir", "where checkpoints, metrics and figures go")
+
+# Batch fields the train step uses; everything else stays on the host.
+_STEP_FIELDS = ("source", "target", "prompt", "index", "sino_mask", "positive", "negative", "full", "tma")
+
+
+def maybe_initialize_distributed() -> None:
+    """Multi-host runs: `jax.distributed.initialize()` picks up the cluster from the usual environment."""
+    if any(v in os.environ for v in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")):
+        jax.distributed.initialize()
+
+
+def stage_config(config, stage: str):
+    """The config as this stage trains it: the foundation model learns synthesis on RMAS triplets; the
+    other stages read the task's pairs, and the task stage adds TMA."""
+    cfg = config.copy_and_resolve_references()
+    cfg.unlock()
+    if stage == "foundation":
+        cfg.data.task = "synthesis"
+        cfg.masks.enabled = True
+        cfg.tma.enabled = False
+    else:
+        cfg.masks.enabled = False
+        if stage == "autoencoder":
+            cfg.tma.enabled = False
+    return cfg
+
+
+def stage_meta(cfg, stage: str) -> dict:
+    """What must match to resume a stage or build on it."""
+    return {
+        "stage": stage,
+        "task": cfg.data.task,
+        "geometry": geometry_to_dict(pipeline.geometry_from_config(cfg.data)),
+        "model": json.loads(cfg.model.to_json()),
+    }
+
+
+def channels_of(batch) -> tuple[int, int]:
+    return int(batch["target"].shape[1]), int(batch["source"].shape[1])
+
+
+def build_stage(cfg, stage: str, workdir: str, example_batch):
+    """The `Stage` (model, losses) for `stage`, loading what it needs from the earlier stages."""
+    if stage == "autoencoder":
+        return stages.autoencoder_stage(cfg, cfg.seed)
+    ae_dir = cfg.train.autoencoder_dir or os.path.join(os.path.dirname(workdir), "autoencoder")
+    ae = stages.autoencoder_stage(cfg, cfg.seed)
+    ae_state, _ = load_previous(ae_dir, ae, cfg, "autoencoder", check_task=False)  # any sinograms will do
+    ae_params = ae_state.ema
+    scale = stages.measure_latent_scale(ae.graphdef, ae_params, [example_batch])
+    target_channels, source_channels = channels_of(example_batch)
+    unet_params = None
+    if stage == "task":
+        foundation_dir = cfg.train.foundation_dir or os.path.join(os.path.dirname(workdir), "foundation")
+        if checkpointing.has_checkpoint(foundation_dir):
+            probe = stages.diffusion_stage("foundation", cfg, ae.graphdef, ae_params, scale, target_channels,
+                                           source_channels, cfg.seed)
+            found_state, _ = load_previous(foundation_dir, probe, cfg, "foundation", check_task=False)
+            unet_params = found_state.ema
+            print(f"[task] starting from the foundation U-Net in {foundation_dir}", flush=True)
+        else:
+            logging.warning("task: no foundation checkpoint in %s; training the U-Net from scratch", foundation_dir)
+    return stages.diffusion_stage(stage, cfg, ae.graphdef, ae_params, scale, target_channels, source_channels,
+                                  cfg.seed, unet_params=unet_params)
+
+
+def load_previous(directory: str, stage_obj, cfg, name: str, check_task: bool = True):
+    if not checkpointing.has_checkpoint(directory):
+        raise FileNotFoundError(
+            f"the {name} stage needs a checkpoint in {directory}; train it first "
+            f"(--config.train.stages={name},...) or point --config.train.{name}_dir at one"
+        )
+    manager = checkpointing.make_manager(directory, keep_best=0)
+    meta = checkpointing.read_meta(manager)
+    expected = stage_meta(stage_config(cfg, name), name)
+    keys = ("geometry", "model") + (("task",) if check_task else ())
+    checkpointing.check_compatible(meta, expected, keys, directory)
+    abstract = train_step.init_state(stage_obj.params, make_tx(cfg, name), cfg.seed, stage_obj.frozen)
+    state = checkpointing.restore_state_only(manager, manager.latest_step(), checkpointing.abstract(abstract))
+    manager.close()
+    return state, meta
+
+
+def make_tx(cfg, stage: str):
+    t = cfg.train
+    return train_step.make_optimizer(t.learning_rate, total_steps=int(t.steps[stage]), warmup_steps=t.warmup_steps,
+                                     weight_decay=t.weight_decay, clip_norm=t.clip_norm)
+
+
+def step_batch(batch: dict) -> dict:
+    return {k: np.asarray(v) for k, v in batch.items() if k in _STEP_FIELDS}
+
+
+def run_stage(config, stage: str, workdir: str) -> dict:
+    cfg = stage_config(config, stage)
+    os.makedirs(workdir, exist_ok=True)
+    total_steps = int(cfg.train.steps[stage])
+    print(f"=== stage {stage}: {total_steps} steps in {workdir}", flush=True)
+
+    # --- mesh ------------------------------------------------------------------------------------------
+    mesh = train_step.make_mesh(cfg.train.n_devices or None)
+    n_dev = mesh.devices.size
+    if cfg.data.batch_size % n_dev:
+        raise ValueError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {n_dev} devices")
+
+    # --- data ------------------------------------------------------------------------------------------
+    extra = (TmaTransform(cfg),) if cfg.tma.enabled else ()
+    train_ds, normalisation = pipeline.pipeline_from_config(cfg.data, "train", masks=cfg.masks, extra_transforms=extra)
+    train_iter = iter(train_ds)
+    val_ds, _ = pipeline.pipeline_from_config(cfg.data, "val", normalisation=normalisation, masks=cfg.masks,
+                                              extra_transforms=extra)
+    val_batches = [step_batch(b) for b in val_ds if b["target"].shape[0] == cfg.data.batch_size] or [
+        step_batch(next(iter(val_ds)))]
+    example = val_batches[0]
+
+    # --- model and optimiser -----------------------------------------------------------------------------
+    stage_obj = build_stage(cfg, stage, workdir, example)
+    n_params = count_parameters_state(stage_obj.params)
+    print(f"[{stage}] trainable parameters: {n_params:,}", flush=True)
+    tx = make_tx(cfg, stage)
+    state = train_step.init_state(stage_obj.params, tx, cfg.seed, stage_obj.frozen)
+
+    # --- checkpoints: resume from the latest in this stage's workdir -------------------------------------
+    manager = checkpointing.make_manager(workdir, keep_last=cfg.train.keep_checkpoints)
+    meta = stage_meta(cfg, stage)
+    meta["normalisation"] = normalisation.to_dict()
+    start = 0
+    if manager.latest_step() is not None:
+        found = checkpointing.read_meta(manager)
+        checkpointing.check_compatible(found, meta, ("stage", "task", "geometry", "model"), workdir)
+        state, _ = checkpointing.restore(manager, manager.latest_step(), checkpointing.abstract(state), train_iter)
+        start = int(state.step)
+        print(f"[{stage}] resumed from step {start}", flush=True)
+    state = jax.device_put(state, train_step.replicated(mesh))
+
+    # --- the step, with the micro-batch chosen from the memory budget ------------------------------------
+    per_device = cfg.data.batch_size // n_dev
+    batch_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=train_step.batch_sharding(mesh)),
+                              example)
+
+    def make_step(n_micro):
+        return train_step.data_parallel_step(mesh, loss_fn=stage_obj.loss_fn, tx=tx, n_micro=n_micro,
+                                             ema_decay=cfg.train.ema_decay)
+
+    budget = cfg.train.memory_budget_gb or None
+    n_micro, estimate = memory.choose_micro_batch(lambda n: make_step(n).lower(state, batch_spec).compile(),
+                                                  per_device, budget)
+    print(f"[{stage}] {estimate.describe()}" + (f" (budget {budget} GiB)" if budget else ""), flush=True)
+    step_fn = make_step(n_micro)
+    evaluate = jax.jit(stage_obj.evaluate)
+
+    # --- loop ------------------------------------------------------------------------------------------
+    writer = MetricsWriter(workdir)
+    from tqdm import tqdm
+
+    progress = tqdm(total=total_steps, initial=start, desc=stage, unit="step", dynamic_ncols=True,
+                    disable=jax.process_index() != 0)
+    last_val = {}
+    t0, seen = time.perf_counter(), 0
+    for step in range(start, total_steps):
+        batch = jax.device_put(step_batch(next(train_iter)), train_step.batch_sharding(mesh))
+        state, metrics = step_fn(state, batch)
+        seen += cfg.data.batch_size
+        done = step + 1
+        if done % cfg.train.log_every == 0 or done == total_steps:
+            scalars = jax.device_get(metrics)
+            if scalars["skipped"]:
+                logging.warning("step %d: non-finite gradients, update skipped", done)
+            elapsed = time.perf_counter() - t0
+            scalars.update(samples_per_s=seen / max(elapsed, 1e-9),
+                           lr=float(tx_learning_rate(cfg, stage, done)),
+                           memory_gib=estimate.total_bytes / 2**30)
+            writer.write(done, scalars)
+            progress.set_postfix(loss=f"{float(scalars['loss']):.4f}", **{k: f"{v:.2f}" for k, v in last_val.items()})
+            t0, seen = time.perf_counter(), 0
+        if done % cfg.train.eval_every == 0 or done == total_steps:
+            last_val = validate(evaluate, state, val_batches, cfg.seed + done)
+            writer.write(done, last_val, split="val")
+        if done % cfg.train.checkpoint_every == 0 or done == total_steps:
+            checkpointing.save(manager, done, jax.device_get(state), train_iter, json.loads(cfg.to_json()), meta,
+                               metrics={"val_psnr": float(last_val.get("val_psnr", float("-inf")))})
+        progress.update(1)
+    progress.close()
+    manager.wait_until_finished()
+    manager.close()
+
+    # --- a grid of samples for people ----------------------------------------------------------------------
+    rows = stage_obj.preview(state.ema, state.frozen, jax.tree.map(jnp.asarray, example), jax.random.key(cfg.seed))
+    path = save_grid(rows, os.path.join(workdir, f"samples_{stage}.png"), title=f"{stage}, step {int(state.step)}")
+    final = validate(evaluate, state, val_batches, cfg.seed)
+    print(f"[{stage}] done at step {int(state.step)}: " + ", ".join(f"{k} {v:.2f}" for k, v in final.items())
+          + f"; samples in {path}", flush=True)
+    writer.close()
+    return final
+
+
+def validate(evaluate, state, val_batches, seed: int) -> dict:
+    """Mean of the per-batch validation metrics, computed with the EMA parameters."""
+    rows = [jax.device_get(evaluate(state.ema, state.frozen, jax.tree.map(jnp.asarray, b), jax.random.key(seed + i)))
+            for i, b in enumerate(val_batches)]
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+
+
+def tx_learning_rate(cfg, stage: str, step: int) -> float:
+    import optax
+
+    t = cfg.train
+    schedule = optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, max(1, t.warmup_steps),
+                                                  max(int(t.steps[stage]), t.warmup_steps + 1), t.learning_rate * 0.05)
+    return schedule(step)
+
+
+def count_parameters_state(params) -> int:
+    return int(sum(np.size(x) for x in jax.tree.leaves(params)))
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax and Grain narrate every save at INFO
+    maybe_initialize_distributed()
+    config = FLAGS.config
+    unknown = [s for s in config.train.stages.split(",") if s not in stages.STAGES]
+    if unknown:
+        raise app.UsageError(f"config.train.stages has unknown stage(s) {unknown}; choose from {stages.STAGES}")
+    os.makedirs(FLAGS.workdir, exist_ok=True)
+    results = {}
+    for stage in config.train.stages.split(","):
+        results[stage] = run_stage(config, stage, os.path.join(FLAGS.workdir, stage))
+    with open(os.path.join(FLAGS.workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)
