@@ -164,7 +164,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     if preset == "cpu":
         model.ae_channels = (16, 32, 32)
-        model.unet_channels = (64, 128)
+        model.unet_channels = (32, 64)
         model.unet_res_blocks = 1
         model.attention_levels = (1,)
         diffusion.val_steps = 20

@@ -1,0 +1,160 @@
+"""Training losses of the latent diffusion model: the autoencoder loss, the (TMA-weighted) denoising loss,
+the RMAS positive/negative consistency term and the bridge loss for paired tasks.
+
+Every loss is a pure function that returns `(total, parts)`, `parts` a dict of scalars for logging.
+Models enter as closures built inside the train step (`predict(x_t, t) -> output`,
+`decode(z) -> sinogram`), so these functions know nothing about how a network is stored or sharded.
+Shapes: sinograms `(B, C, n_angles, n_bins)`; latents channels-last `(B, h, w, z)`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from allpet_jax.diffusion import ddbm, schedules
+from allpet_jax.diffusion.schedules import Schedule
+from allpet_jax.models.conditioning import sinogram_map_to_latent
+
+RECONSTRUCTION_LOSSES = ("l1", "l2")
+
+
+def _per_sample_mean(x):
+    return jnp.mean(x.reshape(x.shape[0], -1), axis=1)
+
+
+def gaussian_kl(mean, logvar):
+    """Mean over elements of `KL(N(mean, exp(logvar)) || N(0, 1))`."""
+    return 0.5 * jnp.mean(mean**2 + jnp.exp(logvar) - 1.0 - logvar)
+
+
+def autoencoder_loss(model, sino, key, *, reconstruction: str = "l1", kl_weight: float = 1e-6,
+                     image_weight: float = 0.0, geom=None, fbp_filter: str = "hann"):
+    """Reconstruction + `kl_weight` KL + optional image-domain term for `SinogramAutoencoder`.
+
+    All terms are means over elements, so weights do not depend on the sinogram size. The image term
+    compares `radon.fbp` of reconstruction and input with the same `reconstruction` norm; it needs
+    `geom` (a `radon.Geometry` of the sinogram) and costs one FBP of each per step.
+
+    Args:
+      sino: `(B, C, n_angles, n_bins)` sinograms, normalised to roughly unit scale.
+      key: draws the latent from the posterior; None uses the posterior mean.
+    """
+    if reconstruction not in RECONSTRUCTION_LOSSES:
+        raise ValueError(f"reconstruction must be one of {RECONSTRUCTION_LOSSES}; got {reconstruction!r}")
+    norm = jnp.abs if reconstruction == "l1" else jnp.square
+    recon, mean, logvar = model(sino, key)
+    rec = jnp.mean(norm(recon - sino))
+    kl = gaussian_kl(mean, logvar)
+    total = rec + kl_weight * kl
+    parts = {"reconstruction": rec, "kl": kl}
+    if image_weight:
+        if geom is None:
+            raise ValueError("autoencoder_loss image_weight > 0 needs geom (the radon.Geometry of the sinograms)")
+        from radon.fbp import fbp  # the image term is optional; keep the import where it is used
+
+        image = jnp.mean(norm(fbp(recon, geom, filter=fbp_filter) - fbp(sino, geom, filter=fbp_filter)))
+        total = total + image_weight * image
+        parts["image"] = image
+    parts["total"] = total
+    return total, parts
+
+
+def tma_latent_weight(tma_sino, latent_hw: tuple[int, int], alpha: float):
+    """Per-latent-pixel loss weight `1 + alpha * A` `(B, h, w, 1)` from the TMA sinogram map `(B, n_angles,
+    n_bins)` in [0, 1], average-pooled to the latent grid."""
+    return 1.0 + alpha * sinogram_map_to_latent(tma_sino, latent_hw)
+
+
+def weighted_mse(pred, target, weight=None):
+    """`mean(weight * (pred - target)^2)`, per sample `(B,)`; `weight` broadcasts against `pred`."""
+    err = jnp.square(pred - target)
+    return _per_sample_mean(err if weight is None else weight * err)
+
+
+def consistency_loss(decode, x0_pos, x0_neg, sino):
+    """RMAS consistency `mean || D(x0_P) + D(x0_N) - S ||^2` per sample `(B,)`.
+
+    Args:
+      decode: latent `(B, h, w, z)` -> sinogram `(B, C, n_angles, n_bins)` (frozen decoder, latent
+        scaling undone inside).
+      x0_pos, x0_neg: clean-latent predictions for the positive `M * S` and negative `(1 - M) * S` views.
+      sino: the full sinogram `S`.
+    """
+    return _per_sample_mean(jnp.square(decode(x0_pos) + decode(x0_neg) - sino))
+
+
+def diffusion_loss(predict, key, schedule: Schedule, x0, *, parameterization: str = "eps", weight=None):
+    """Denoising loss of one batch of latents `x0` `(B, h, w, z)` at uniformly drawn steps.
+
+    Args:
+      predict: `(x_t, t) -> output` with `t` integer steps `(B,)`.
+      weight: per-latent-pixel weight broadcastable to `x0` (e.g. `tma_latent_weight`), or None.
+    Returns:
+      `(loss, parts)`.
+    """
+    kt, kn = jax.random.split(key)
+    t = jax.random.randint(kt, (x0.shape[0],), 0, schedule.num_steps)
+    noise = jax.random.normal(kn, x0.shape, x0.dtype)
+    out = predict(schedules.q_sample(schedule, x0, t, noise), t)
+    loss = jnp.mean(weighted_mse(out, schedules.training_target(schedule, parameterization, x0, t, noise), weight))
+    return loss, {"diffusion": loss, "total": loss}
+
+
+def rmas_diffusion_loss(predict, key, schedule: Schedule, views, *, parameterization: str = "eps", weight=None,
+                        decode=None, sino=None, consistency_weight: float = 0.0):
+    """Denoising loss over the RMAS triplet, plus the positive/negative consistency term.
+
+    The three views of each sinogram share one step `t` (so their clean-latent predictions are equally
+    informed) and draw independent noise; `predict` sees them stacked as one batch of `3 B` in the order
+    full, positive, negative, and must apply each view's conditioning (mask all-ones, `M`, `1 - M`) in
+    that order.
+
+    The consistency term `|| D(x0_P) + D(x0_N) - S ||^2` is weighted per sample by `alpha_bar_t`: at high
+    noise the predictions are conditional means given different noisy inputs, whose decoded sum need
+    not equal `S`, and the weight lets that case count little. It is off when `consistency_weight == 0`
+    (then `decode` and `sino` are not needed).
+
+    Args:
+      views: clean latents `(3, B, h, w, z)` of the full, positive and negative sinograms.
+      weight: per-latent-pixel weight `(B, h, w, 1)` (TMA), shared by the views, or None.
+      decode, sino: the frozen decoder and the full sinograms `(B, C, n_angles, n_bins)`.
+    Returns:
+      `(loss, parts)` with parts "diffusion", "consistency" (when on) and "total".
+    """
+    V, B = views.shape[:2]
+    if V != 3:
+        raise ValueError(f"rmas_diffusion_loss views must be stacked (full, positive, negative) on axis 0; got {V}")
+    kt, kn = jax.random.split(key)
+    t = jnp.tile(jax.random.randint(kt, (B,), 0, schedule.num_steps), V)
+    x0 = views.reshape((V * B,) + views.shape[2:])
+    noise = jax.random.normal(kn, x0.shape, x0.dtype)
+    x_t = schedules.q_sample(schedule, x0, t, noise)
+    out = predict(x_t, t)
+    w = None if weight is None else jnp.tile(weight, (V,) + (1,) * (weight.ndim - 1))
+    diff = jnp.mean(weighted_mse(out, schedules.training_target(schedule, parameterization, x0, t, noise), w))
+    parts = {"diffusion": diff}
+    total = diff
+    if consistency_weight:
+        if decode is None or sino is None:
+            raise ValueError("rmas_diffusion_loss consistency_weight > 0 needs decode and sino")
+        x0_hat, _ = schedules.to_x0_eps(schedule, parameterization, out, x_t, t)
+        x0_hat = x0_hat.reshape(views.shape)
+        per_sample = consistency_loss(decode, x0_hat[1], x0_hat[2], sino)
+        cons = jnp.mean(schedule.alpha_bar[t[:B]] * per_sample)
+        parts["consistency"] = cons
+        total = total + consistency_weight * cons
+    parts["total"] = total
+    return total, parts
+
+
+def bridge_loss(predict, key, target, source, *, sigma: float = 1.0, weight=None):
+    """x0-regression loss of a DDBM bridge denoiser (see `allpet_jax.diffusion.ddbm`).
+
+    Args:
+      predict: `(x_t, t_model) -> x0_hat`; the source reaches it as a condition channel.
+      target, source: latents `(B, h, w, z)` of the task's target and source.
+    """
+    x_t, t_model = ddbm.bridge_training_input(key, target, source, sigma)
+    loss = jnp.mean(weighted_mse(predict(x_t, t_model), target, weight))
+    return loss, {"bridge": loss, "total": loss}
