@@ -31,8 +31,9 @@ DMM distributions (`MaskConfig`):
 * layout: `"uniform"` (every cell equally likely), `"clustered"` (cells near a centre drawn uniformly
   over the grid, with log-weight `-d^2 / (2 cluster_sigma_cells^2)`, `d` the distance of a cell's centre
   from it in cell widths), `"activity"` (cell weight `(mean activity in the cell / the largest cell
-  mean)^activity_power`; activity from the Hann-filtered FBP of the sinogram inside the field-of-view
-  disc, negative values clipped, or from the known image). The `k` cells are drawn without
+  mean)^activity_power`, cells without activity only after all others; activity from the
+  Hann-filtered FBP of the sinogram inside the field-of-view disc, negative values clipped, or from
+  the known image). The `k` cells are drawn without
   replacement with these weights (Gumbel top-k, which is exactly successive weighted sampling without
   replacement).
 
@@ -91,7 +92,8 @@ class MaskConfig:
       layout: where the cells fall: one of `LAYOUTS`.
       cluster_sigma_cells: spread of `layout="clustered"`, in cell widths.
       activity_from: `"fbp"` (FBP of the sinogram) or `"image"` (the batch's image) for `layout="activity"`.
-      activity_power: exponent on the normalised cell activity (0 = uniform, larger = hotter cells).
+      activity_power: exponent on the normalised cell activity (0 = uniform over the cells with any
+        activity, larger = hotter cells; cells without activity come last).
       tau_mm: a ray belongs to the sinogram mask when its intersection with the mask exceeds this (mm).
       mode: `"mask"` (`P = M*S`) or `"split"` (`P = R(m*x)`, needs the image).
       masks_per_sinogram: `K`, mask seeds per base sinogram (`split_index`, `RmasSource`).
@@ -269,7 +271,9 @@ def cell_log_weights(key, config: MaskConfig, cell_activity=None):
         return -d2 / (2.0 * config.cluster_sigma_cells**2)
     a = jnp.maximum(cell_activity, 0.0)
     a = a / jnp.maximum(jnp.max(a), jnp.finfo(jnp.float32).tiny)
-    return config.activity_power * jnp.log(a + 1e-6)  # empty cells: drawn only once active ones run out
+    # Empty cells get a log-weight far below any active one (yet finite, so the Gumbel noise still
+    # orders them at random): they are drawn only once every active cell is taken.
+    return jnp.where(a > 0, config.activity_power * jnp.log(jnp.maximum(a, 1e-30)), -1e4)
 
 
 def draw_cells(key, config: MaskConfig, cell_activity=None):

@@ -1,26 +1,30 @@
 """TMA segmentation quality against the phantoms' lesion labels, at full dose and at 1/10 dose.
 
     python benchmarks/tma_quality.py [--n 64] [--size 128] [--seed 0]          # report (test split)
-    python benchmarks/tma_quality.py --tune [--n 48]                          # tune (train split)
+    python benchmarks/tma_quality.py --tune [--n 64]                          # tune (train split)
 
-Data: `low_dose` pairs from the project's simulator (`allpet_jax.data.simulate.simulate_pair`, keys of
-`allpet_jax.data.sources.sample_key`), each with its label map. The full-dose map is TMA of the `target`
-sinogram, the 1/10-dose map TMA of a Poisson draw at 1/10 of the target's expected counts
-(`target_clean / 10`), both as the model would see them (FBP of the measured sinogram, no corrections).
-The report uses the `test` split; `--tune` searches the rule's ratios on the `train` split (disjoint
-keys), so the reported numbers are not tuned on the samples they describe.
+Data: `low_dose` pairs from the project's simulator (`allpet_jax.data.simulate.simulate_pair` with
+`dose=0.1`, keys of `allpet_jax.data.sources.sample_key`), a quarter of the slices from each region
+(brain, chest, abdomen, trunk), each in a geometry whose pixel is the phantom's physical pixel
+(`phantoms.FOV_MM[region] / size`: 2 mm brain, 4.69 mm body at 128 px), so TMA's lengths in mm are
+true mm. Full dose = TMA of the `target` sinogram, 1/10 dose = TMA of the `source` (a separate
+acquisition at 1/10 of the counts, corrected and dose-normalised by the simulator): FBP of the measured
+sinogram, as the model's TMA sees it. The report uses the `test` split; `--tune` searches the rule's
+constants (`TUNING`) on the `train` split (disjoint keys), so the reported numbers are not tuned on the
+slices they describe.
 
-Definitions (per lesion class, hot = `lesion_hot` with the `hyper` map, cold = `lesion_cold` with `hypo`):
+Definitions (per lesion class: hot = label `lesion_hot` scored with the `hyper` map, cold =
+`lesion_cold` with `hypo`):
 
 * a *lesion* is one 8-connected component of the class's label in a slice;
 * it is *detected* when the class's map flags at least half of its pixels (`--coverage`);
-* *hit rate* (looser): at least one of its pixels is flagged;
-* *FP area*: mm^2 per slice of the class's flagged pixels that are not within one pixel of any lesion of
-  that class (physiological uptake, e.g. bladder or myocardium for hyper, counts as false positive).
-  Mean over all slices, including slices without lesions.
+* *hit* (looser): at least one of its pixels is flagged;
+* *FP area*: mm^2 per slice of the class's flagged pixels that are not within one pixel of any lesion
+  of that class (physiological uptake, e.g. bladder or myocardium for hyper, counts as false positive),
+  averaged over all slices, including slices without lesions.
 
-Prints one Markdown table (the peer is the same rule on the noise-free image, i.e. an upper bound
-without noise, attenuation or reconstruction blur).
+Prints one Markdown table. The peer row is the same rule on the noise-free activity `image` (no noise,
+no detector blur, no reconstruction): it separates what noise costs from what the rule itself misses.
 """
 
 from __future__ import annotations

@@ -82,14 +82,16 @@ def test_one_tissue_frame_matches_closed_form(t0, t1):
 def test_two_tissue_curve_matches_ode_solution():
     K1, k2, k3, k4, vB = 0.102, 0.13, 0.062, 0.0068, 0.05  # FDG grey matter with a k4 (Phelps 1979)
 
+    def cp(t):  # Feng's input in float64 numpy, from its terms
+        return curve([(c, n, r) for c, n, r in feng_terms()], t)
+
     def rhs(t, c):
-        cp = float(K.plasma_input(jnp.float32(t), PLASMA))
-        return [K1 * cp - (k2 + k3) * c[0] + k4 * c[1], k3 * c[0] - k4 * c[1]]
+        return [K1 * cp(t) - (k2 + k3) * c[0] + k4 * c[1], k3 * c[0] - k4 * c[1]]
 
     t = np.array([1.0, 5.0, 30.0, 65.0, 125.0])
     sol = solve_ivp(rhs, (0.0, 125.0), [0.0, 0.0], t_eval=t, rtol=1e-10, atol=1e-12, max_step=0.05)
-    cp = np.asarray(K.plasma_input(jnp.asarray(t, jnp.float32), PLASMA))
-    ref = (1 - vB) * sol.y.sum(0) + vB * cp
+    ref = (1 - vB) * sol.y.sum(0) + vB * cp(t)
+    np.testing.assert_allclose(K.plasma_input(jnp.asarray(t, jnp.float32), PLASMA), cp(t), rtol=1e-5)
     got = np.asarray(K.tissue_curve(jnp.asarray(t, jnp.float32), kin(K1, k2, k3, k4, vB), PLASMA))
     np.testing.assert_allclose(got, ref, rtol=2e-4)
 

@@ -35,10 +35,12 @@ exponential with Feng's terms is done **analytically** in a cancellation-free fo
 Gauss-Legendre quadrature (`FRAME_NODES` nodes on each side of the bolus arrival), exact to ~1e-6 for
 these smooth integrands (tested against the closed form in `tests/test_kinetics.py`).
 
-Parameters (`KINETICS`) are plausible literature-like values chosen so the 60-min SUVs look clinical
-(FDG: grey matter ~7, white matter ~3, liver ~2.3, blood ~1.7, muscle ~0.8; PSMA: kidney ~40,
-liver ~5; FDOPA: striatum/cortex ~2.5); FDG `k4 = 0` except in liver (0.006/min, dephosphorylation).
-They are a simulator's tissue classes, not a validated kinetic atlas.
+Parameters (`KINETICS`) are plausible literature-like values chosen so the SUVs at each tracer's
+standard frame look clinical (FDG at 65 min: grey matter 6.3, white matter 3.2, liver 2.2, blood 1.6,
+muscle 0.8, tumour 12; 68Ga-PSMA: kidney 36, liver 5, tumour 23; FDOPA: striatum/cortex 2.2;
+11C-methionine: pancreas 17, cortex 1.1; 11C-acetate: myocardium 3.7, bladder 0.15); FDG `k4 = 0`
+except in liver (0.006/min, dephosphorylation). They are a simulator's tissue classes, not a validated
+kinetic atlas.
 
 Everything here is pure `jax.numpy`, jit-able and vmappable; randomness (inter-subject variability in
 `sample_kinetics`) only through explicit `jax.random` keys.

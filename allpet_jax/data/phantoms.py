@@ -8,9 +8,10 @@ the real organs, and randomised enough that no two samples share an anatomy.
 Regions (`REGIONS`) and fields of view
 --------------------------------------
 - `brain`: axial head slice; scalp, skull, CSF, grey-matter ribbon (folded by a random gyral field),
-  white matter, medial cortex along the interhemispheric fissure, lateral/third/fourth ventricles, caudate, putamen, thalamus,
-  cerebellum and brainstem; which of them appear depends on a random slice level `z` in [0, 1]
-  (0: posterior fossa with cerebellum and brainstem, ~0.5: basal ganglia, 1: centrum semiovale).
+  white matter, medial cortex along the interhemispheric fissure, lateral/third/fourth ventricles,
+  caudate, putamen, thalamus, cerebellum and brainstem; which of them appear depends on a random slice
+  level `z` in [0, 1] (0: posterior fossa with cerebellum and brainstem, ~0.5: basal ganglia,
+  1: centrum semiovale).
 - `chest`: body outline with subcutaneous fat, muscle wall, lungs, heart (right heart/atria blood pool,
   left-ventricular myocardium and cavity), ascending and descending aorta, liver dome (low slices),
   vertebra with spinal canal, sternum, scapulae.
@@ -23,31 +24,35 @@ larger image side: the physical pixel is `fov_mm / max(H, W)` (2.0 mm for a 128-
 a 128-pixel body). Image orientation follows `radon.Geometry`: +x (columns) is the patient's left, +y
 (row 0 at the top) is anterior, i.e. the radiological convention.
 
-Randomness (all from the key): global affine (scale 0.93-1.07 per axis for heads, 0.9-1.1 for trunks, rotation
-+-6 deg, shift +-5 / +-8 mm),
-per-organ position/size/orientation jitter, slice level, fat thickness (5-35 mm), lung density, a smooth
-random displacement field (3-6 mm, wavelengths 80-300 mm, body scaled with the FOV), a smooth random
-boundary-perturbation field (gyri, organ irregularity; `WIGGLE_GRID`), a multiplicative activity
-texture (3-10 % sd, `TEXTURE_GRID`), and hot and cold lesions: `0..max_hot_lesions` hot and `0..max_cold_lesions` cold, each
-with its own size (log-uniform, hot 3-15 mm, cold 5-25 mm radius, capped by the host organ), shape,
-host organ (a per-region list: e.g. lung, liver, nodes, bone for hot; myocardium, liver, kidney,
-cortex for cold) and contrast (set by `simulate.py`).
+Randomness (all from the key, see `Draws`): a global affine (scale 0.93-1.07 per axis for heads,
+0.9-1.1 for trunks, rotation +-6 deg, shift +-5 / +-8 mm); per-organ position, size and orientation
+jitter; slice level; fat thickness (5-35 mm); lung density; a smooth random displacement field (sd
+3 mm in the head, 6 mm in the trunk, wavelengths 80-300 mm); a smooth boundary-perturbation field (gyri,
+organ irregularity; `WIGGLE_GRID`); a multiplicative activity texture (3-10 % sd, `TEXTURE_GRID`); and
+lesions: `0..max_hot_lesions` hot and `0..max_cold_lesions` cold, each with its own size (log-uniform
+radius, hot 3-15 mm, cold 5-25 mm, capped by the host organ), shape, host (a per-region list: cortex,
+lung, liver, spleen, pancreas, bone, lymph nodes beside the heart, aorta or iliac vessels, prostate for
+hot; cortex, myocardium, liver, spleen, kidney, prostate, bone for cold) and contrast (set by
+`simulate.py`: hot lesions follow tumour kinetics, cold ones scale their host's activity).
 
 Labels and attenuation
 ----------------------
 `LABELS` is the name <-> id table (`LABEL_IDS[name]`); label maps are int32 `(H, W)`. Hot and cold
 lesions have their own ids (`lesion_hot`, `lesion_cold`) and are painted last. A pixel's label is the
-shape that covers its centre (for `supersample` S > 1, the centre-most sub-pixel); a lesion also labels
-the pixel it covers most, so even a sub-pixel lesion is in the label map. `MU_511_PER_MM` gives
-each label's linear attenuation coefficient at 511 keV in 1/mm (water 0.0096, soft tissue 0.0099, fat
-0.0090, lung 0.0030 +- 20 % per sample, skull 0.0170, mixed pelvic/scapular bone 0.0150, vertebral
-bone 0.0125, air 0). Hot lesions are soft tissue (0.0099); cold lesions keep their host's value.
+shape that covers its centre (for `supersample` S > 1, the centre-most sub-pixel); a pixel is lesion
+where the union of (possibly overlapping) lesions covers most of it, and every lesion labels at least the
+pixel it covers most. `MU_511_PER_MM` gives each label's linear attenuation coefficient at 511 keV in
+1/mm (water 0.0096, soft tissue 0.0099, fat 0.0090, lung 0.0030 +- 20 % per sample, skull 0.0170, mixed
+pelvic/scapular bone 0.0150, vertebral bone 0.0125, air 0). Hot lesions are soft tissue (0.0099); cold
+lesions keep their host's value.
 
 Antialiasing: each shape's coverage of a pixel is its area fraction under a locally straight boundary,
 `clip(1/2 - d / pixel, 0, 1)` with `d` the signed distance of the pixel centre to the boundary (exact
-for an edge along a pixel axis); values are composited in paint order, so a pixel on an edge holds the
-area-weighted mix of both tissues. `supersample=S` evaluates this on an `S x S` sub-grid and averages
-(area fractions of curved and crossing edges, at S^2 times the cost).
+for an edge along a pixel axis; the summed coverage of an ellipse is its area to 0.2 %, tested); values
+are composited in paint order, so a pixel on an edge holds the area-weighted mix of both tissues.
+`supersample=S` evaluates this on an `S x S` sub-grid and averages (area fractions of curved and crossing
+edges, at S^2 times the cost). Structures thinner than ~2 pixels are not area-exact, which is why the
+thinnest shape is 5 mm across (the medial cortex strip 7 mm).
 
 Everything is `jax.numpy`, jit-able with static image shape, and vmappable over keys.
 """
@@ -139,9 +144,9 @@ _CHEST = [
     _row("body", "soft_tissue", 0, 0, 155, 105, harm=(0, 0, -0.04, 0, 0.04), wig=2, jit=0, jsize=0, jrot=0),
     _row("body", "lung", -68, 5, 50, 78, rot=8, harm=(0, 0, -0.03, 0.25, 0.1), wig=2.5, jit=4, jsize=0.07),
     _row("body", "lung", 70, 0, 48, 76, rot=-8, harm=(0, 0, -0.03, -0.25, 0.1), wig=2.5, jit=4, jsize=0.07),
-    _row("heart", "blood_pool", 12, 22, 50, 40, rot=-30, jit=6, jsize=0.08, jrot=8, z=(0.25, 0.8)),
-    _row("heart", "myocardium", 32, 8, 37, 30, rot=-35, jit=1.5, jsize=0.04, z=(0.25, 0.8)),
-    _row("heart", "blood_pool", 34, 9, 24, 18, rot=-35, jit=1, jsize=0.08, z=(0.25, 0.8)),
+    _row("heart", "blood_pool", 12, 22, 50, 40, rot=-30, jit=6, jsize=0.08, jrot=8, z=(0.12, 0.8)),
+    _row("heart", "myocardium", 32, 8, 37, 30, rot=-35, jit=1.5, jsize=0.04, z=(0.12, 0.8)),
+    _row("heart", "blood_pool", 34, 9, 24, 18, rot=-35, jit=1, jsize=0.08, z=(0.12, 0.8)),
     _row("body", "aorta", 22, -55, 12, 12, jit=3, jsize=0.1),
     _row("body", "aorta", -5, 35, 14, 14, jit=3, jsize=0.1, z=(0.7, 2)),
     _row("body", "liver", -60, -10, 55, 60, rot=110, harm=(0, 0, 0, 0, -0.2), wig=2, jit=5, jsize=0.1, z=(-1, 0.3)),
