@@ -142,6 +142,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     diffusion.parameterization = "eps"  # 'eps' or 'v'
     diffusion.prompt_drop_prob = 0.1  # classifier-free guidance: prompts dropped to the null id
     diffusion.val_steps = 50  # DDIM steps for validation samples
+    diffusion.clip_x0 = 5.0  # clip predicted clean latents (unit-variance scale) while sampling; 0 = off
     diffusion.consistency_weight = 0.1  # foundation: || D(x0_P) + D(x0_N) - S ||^2 (0 turns it off)
 
     # --- train (train.py, allpet_jax/training/) ----------------------------------------------------------

@@ -257,7 +257,8 @@ def diffusion_stage(name: str, config, ae_graphdef, ae_params, latent_scale: flo
         kwargs = {"prompt": prompt_of(batch, sino_shape), "cond": condition(frozen, batch, latent_hw)}
         shape = (B,) + latent_hw + (target_channels * z,)
         latent = ddim.ddim_sample(NNXDenoiser(graphdef), (p, kwargs), key, schedule, shape,
-                                  num_steps=config.diffusion.val_steps, eta=0.0, parameterization=param)
+                                  num_steps=config.diffusion.val_steps, eta=0.0, parameterization=param,
+                                  clip_x0=config.diffusion.clip_x0 or None)
         return decode(ae_graphdef, frozen["ae"], latent, frozen["scale"], target_channels)
 
     def evaluate(p, frozen, batch, key):
