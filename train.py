@@ -46,17 +46,15 @@ def maybe_initialize_distributed() -> None:
 
 def stage_config(config, stage: str):
     """The config as this stage trains it: the foundation model learns synthesis on RMAS triplets; the
-    other stages read the task's pairs, and the task stage adds TMA."""
+    other stages read the task's pairs, and the task stage adds TMA when `tma.enabled`."""
     cfg = config.copy_and_resolve_references()
     cfg.unlock()
     if stage == "foundation":
         cfg.data.task = "synthesis"
-        cfg.masks.enabled = True
-        cfg.tma.enabled = False
-    else:
-        cfg.masks.enabled = False
-        if stage == "autoencoder":
-            cfg.tma.enabled = False
+    if cfg.data.cache_dir:  # one shard cache per task, so the stages can share a cache root
+        cfg.data.cache_dir = os.path.join(cfg.data.cache_dir, cfg.data.task)
+    cfg.masks.enabled = stage == "foundation"
+    cfg.tma.enabled = stage == "task" and config.tma.enabled  # TMA is a fine-tuning option
     return cfg
 
 

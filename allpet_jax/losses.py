@@ -81,7 +81,9 @@ def consistency_loss(decode, x0_pos, x0_neg, sino):
       x0_pos, x0_neg: clean-latent predictions for the positive `M * S` and negative `(1 - M) * S` views.
       sino: the full sinogram `S`.
     """
-    return _per_sample_mean(jnp.square(decode(x0_pos) + decode(x0_neg) - sino))
+    decoded = decode(jnp.concatenate([x0_pos, x0_neg], axis=0))  # one decoder call for both views
+    B = x0_pos.shape[0]
+    return _per_sample_mean(jnp.square(decoded[:B] + decoded[B:] - sino))
 
 
 def diffusion_loss(predict, key, schedule: Schedule, x0, *, parameterization: str = "eps", weight=None):

@@ -5,147 +5,188 @@
 
 One train step = forward + backward + AdamW update of an epsilon-prediction denoising loss on latents
 `(B, 4, size, size)` (4 x 32 x 32 is a 128 x 128 sinogram at factor 4). Ours is the jitted step with its
-real conditioning (prompt ids, geometry, condition channels), the peer is diffusers' unconditional
-U-Net with the same widths, depth and attention placement; parameter counts are printed (matched
-within ~10 %). Both run in this process; torch with `--threads` threads, XLA with its default pool (all
-visible cores: run on a machine, or under `taskset`, with `--threads` cores for a like-for-like count); repeats are interleaved
-(ours, theirs, ours, ...) so a change in machine load hits both alike. Each config reports the median
-samples/s of `--repeats` timed steps after two warm-up steps (compile, allocator), the ratio, and our
+real conditioning (prompt ids, geometry, condition channels); the peer is diffusers' unconditional
+U-Net (same block layout: two residual blocks per level, attention on the last level and in the middle
+block). Each row pairs a width list for each side; parameter counts are printed (the pairs are chosen
+to match within ~10 %). The default rows are: the same widths on both sides; our tuned, deeper layout
+(four levels, 32-64-128-256: FLOPs sit at high resolution, parameters at low resolution, so a fourth
+level keeps the parameter count with a third of the FLOPs) against diffusers' common three-level layout
+of about the same parameter count; and the deeper layout on both sides, which separates the
+architecture's share of the gain from the framework's.
+
+Each framework runs in its own worker process (the script starts them): XLA's and torch's thread
+pools in one process slow torch down by up to 15x, measured here, which would flatter us. The torch
+workers run once before and once after the JAX workers, and their timings are pooled, so a drift in
+machine load shows up as a difference between the two torch passes (printed). Each worker times
+`--repeats` steps after two warm-up steps (compile, allocator, oneDNN caches) and reports the median;
+torch uses `--threads` threads, XLA its default pool (all visible cores). The table also gives our
 step's FLOPs and compiled memory from XLA's analysis. Nothing here asserts a speed.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=32, help="latent height and width")
     p.add_argument("--latent-channels", type=int, default=4)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--configs", default="64-128-256:64-128-256,32-64-128-256:32-64-128-256,32-64-128-256:64-128-256",
-                   help="comma-separated OURS:DIFFUSERS pairs of dash-separated widths per level; attention on "
-                        "the last level (and in the middle block) of both")
-    return p.parse_args()
+    p.add_argument("--configs", default="64-128-256:64-128-256,32-64-128-256:64-128-256,32-64-128-256:32-64-128-256",
+                   help="comma-separated OURS:DIFFUSERS pairs of dash-separated widths per level")
+    p.add_argument("--xla-flags", default="", help="XLA_FLAGS for our worker, e.g. "
+                   "'--xla_cpu_experimental_ynn_fusion_type=' (Eigen instead of YNNPACK convolutions)")
+    p.add_argument("--worker", choices=("ours", "theirs"), help=argparse.SUPPRESS)
+    p.add_argument("--widths", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
 
 
-args = parse_args()
+def timed_steps(step, repeats: int) -> list[float]:
+    step()
+    step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
 
-from allpet_jax import losses  # noqa: E402
-from allpet_jax.diffusion import linear_schedule  # noqa: E402
-from allpet_jax.models import LatentUNet, Prompt, compiled_cost, condition_channel_count, count_parameters  # noqa: E402
+def ours_worker(args, widths) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
 
+    from allpet_jax import losses
+    from allpet_jax.diffusion import linear_schedule
+    from allpet_jax.models import LatentUNet, Prompt, compiled_cost, condition_channel_count, count_parameters
 
-def ours(channels, batch, size, z):
-    """A `step()` closure running our jitted train step, our parameter count and the compiled cost."""
-    model = LatentUNet(latent_channels=z, cond_channels=condition_channel_count(z), channels=channels,
-                       num_res_blocks=2, attention_levels=(len(channels) - 1,), rngs=nnx.Rngs(0))
+    B, S, z = args.batch, args.size, args.latent_channels
+    model = LatentUNet(latent_channels=z, cond_channels=condition_channel_count(z), channels=widths,
+                       num_res_blocks=2, attention_levels=(len(widths) - 1,),
+                       rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))  # rbg: fast-compiling initialisers
     optimizer = nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param)
     schedule = linear_schedule(1000)
     graphdef, state = nnx.split((model, optimizer))
+    # The step takes and returns the state as a flat list of arrays: flattening an `nnx.State` of
+    # Variable objects costs Python time per leaf on every call (~0.1-0.3 s per step at ~1000 leaves).
+    leaves, treedef = jax.tree.flatten(state)
 
-    def train_step(state, x0, prompt, cond, key):
-        model, optimizer = nnx.merge(graphdef, state)
+    def train_step(leaves, x0, prompt, cond, key):
+        model, optimizer = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
 
         def loss_fn(model):
             return losses.diffusion_loss(lambda x, t: model(x, t, prompt=prompt, cond=cond), key, schedule, x0)
 
         (loss, _), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         optimizer.update(model, grads)
-        return nnx.state((model, optimizer)), loss
+        return jax.tree.leaves(nnx.state((model, optimizer))), loss
 
     jitted = jax.jit(train_step, donate_argnums=0)
     k = jax.random.split(jax.random.key(0), 3)
-    x0 = jax.random.normal(k[0], (batch, size, size, z))
-    ids = jnp.zeros((batch,), jnp.int32)
-    prompt = Prompt(ids, ids, ids, jnp.tile(jnp.array([[4.0 * size, 4.0 * size]]), (batch, 1)))
-    cond = jax.random.uniform(k[1], (batch, size, size, condition_channel_count(z)))
-    cost = compiled_cost(jitted, state, x0, prompt, cond, k[2])
-    holder = {"state": state, "i": 0}
+    x0 = jax.random.normal(k[0], (B, S, S, z))
+    ids = jnp.zeros((B,), jnp.int32)
+    prompt = Prompt(ids, ids, ids, jnp.tile(jnp.array([[4.0 * S, 4.0 * S]]), (B, 1)))
+    cond = jax.random.uniform(k[1], (B, S, S, condition_channel_count(z)))
+    start = time.perf_counter()
+    cost = compiled_cost(jitted, leaves, x0, prompt, cond, k[2])
+    compile_s = time.perf_counter() - start
+    holder = {"state": leaves, "i": 0}
 
     def step():
         holder["i"] += 1
         holder["state"], loss = jitted(holder["state"], x0, prompt, cond, jax.random.fold_in(k[2], holder["i"]))
         loss.block_until_ready()
 
-    return step, count_parameters(model), cost
+    return {"params": count_parameters(model), "times": timed_steps(step, args.repeats), "flops": cost.flops,
+            "memory": cost.total_bytes, "compile_s": compile_s, "version": f"jax {jax.__version__}"}
 
 
-def theirs(channels, batch, size, z, threads):
+def theirs_worker(args, widths) -> dict:
+    import diffusers
     import torch
     import torch.nn.functional as F
     from diffusers import UNet2DModel
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    n = len(channels)
-    unet = UNet2DModel(sample_size=size, in_channels=z, out_channels=z, layers_per_block=2,
-                       block_out_channels=tuple(channels), attention_head_dim=channels[-1] // 4,
+    B, S, z, n = args.batch, args.size, args.latent_channels, len(widths)
+    unet = UNet2DModel(sample_size=S, in_channels=z, out_channels=z, layers_per_block=2,
+                       block_out_channels=tuple(widths), attention_head_dim=widths[-1] // 4,
                        down_block_types=("DownBlock2D",) * (n - 1) + ("AttnDownBlock2D",),
                        up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (n - 1))
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
     alpha_bar = torch.tensor(np.cumprod(1 - np.linspace(1e-4, 2e-2, 1000)), dtype=torch.float32)
-    x0 = torch.randn(batch, z, size, size)
+    x0 = torch.randn(B, z, S, S)
 
     def step():
         noise = torch.randn_like(x0)
-        t = torch.randint(0, 1000, (batch,))
+        t = torch.randint(0, 1000, (B,))
         ab = alpha_bar[t].view(-1, 1, 1, 1)
         loss = F.mse_loss(unet(ab.sqrt() * x0 + (1 - ab).sqrt() * noise, t).sample, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    return step, sum(p.numel() for p in unet.parameters()), f"torch {torch.__version__}"
+    return {"params": sum(p.numel() for p in unet.parameters()), "times": timed_steps(step, args.repeats),
+            "version": f"torch {torch.__version__}, diffusers {diffusers.__version__}"}
 
 
-def interleaved_medians(fns, repeats):
-    for fn in fns:  # warm-up: compile, allocator, oneDNN primitive caches
-        fn()
-        fn()
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            times[i].append(time.perf_counter() - start)
-    return [float(np.median(t)) for t in times]
+def run_worker(kind: str, widths: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--widths", widths, "--batch", str(args.batch),
+           "--size", str(args.size), "--latent-channels", str(args.latent_channels),
+           "--repeats", str(args.repeats), "--threads", str(args.threads)]
+    env = dict(os.environ, XLA_FLAGS=args.xla_flags) if kind == "ours" and args.xla_flags else None
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"  {kind:6s} {widths:16s} median {np.median(result['times']):.3f} s/step", flush=True)
+    return result
 
 
 def main():
-    import diffusers
+    args = parse_args()
+    if args.worker:
+        widths = tuple(int(c) for c in args.widths.split("-"))
+        result = (ours_worker if args.worker == "ours" else theirs_worker)(args, widths)
+        print(json.dumps(result))
+        return
 
-    rows = []
-    for spec in args.configs.split(","):
-        our_widths, their_widths = (tuple(int(c) for c in side.split("-")) for side in spec.split(":"))
-        our_step, our_params, cost = ours(our_widths, args.batch, args.size, args.latent_channels)
-        their_step, their_params, torch_version = theirs(their_widths, args.batch, args.size, args.latent_channels,
-                                                         args.threads)
-        t_ours, t_theirs = interleaved_medians([our_step, their_step], args.repeats)
-        rows.append((our_widths, their_widths, our_params, their_params, args.batch / t_ours, args.batch / t_theirs,
-                     cost))
-        print(f"done {spec}", flush=True)
+    pairs = [tuple(spec.split(":")) for spec in args.configs.split(",")]
+    theirs_widths = list(dict.fromkeys(t for _, t in pairs))
+    ours_widths = list(dict.fromkeys(o for o, _ in pairs))
+    print("timing (torch, then ours, then torch again):", flush=True)
+    torch_before = {w: run_worker("theirs", w, args) for w in theirs_widths}
+    ours = {w: run_worker("ours", w, args) for w in ours_widths}
+    torch_after = {w: run_worker("theirs", w, args) for w in theirs_widths}
 
+    B = args.batch
+    first = next(iter(ours.values()))
     print()
-    print(f"Train step (fwd + bwd + AdamW), latents {args.batch} x {args.latent_channels} x {args.size} x {args.size}, "
-          f"{args.threads} CPU threads; jax {jax.__version__}, {torch_version}, diffusers {diffusers.__version__}")
+    print(f"Train step (fwd + bwd + AdamW), latents {B} x {args.latent_channels} x {args.size} x {args.size}, "
+          f"torch threads {args.threads}; {first['version']} (XLA_FLAGS={args.xla_flags!r}), "
+          f"{torch_before[theirs_widths[0]]['version']}")
     print("| widths ours | widths diffusers | params ours | params diffusers | ours samples/s | diffusers samples/s "
-          "| ratio | our GFLOP/step | our memory MiB |")
+          "(pass 1 / pass 2) | ratio | our GFLOP/step | our memory MiB |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for wo, wt, po, pt, so, st, cost in rows:
-        print(f"| {'-'.join(map(str, wo))} | {'-'.join(map(str, wt))} | {po / 1e6:.2f} M | {pt / 1e6:.2f} M | "
-              f"{so:.2f} | {st:.2f} | {so / st:.2f}x | {cost.flops / 1e9:.1f} | {cost.total_bytes / 2**20:.0f} |")
+    for wo, wt in pairs:
+        o, t1, t2 = ours[wo], torch_before[wt], torch_after[wt]
+        so = B / np.median(o["times"])
+        st = B / np.median(t1["times"] + t2["times"])
+        passes = f"{B / np.median(t1['times']):.2f} / {B / np.median(t2['times']):.2f}"
+        print(f"| {wo} | {wt} | {o['params'] / 1e6:.2f} M | {t1['params'] / 1e6:.2f} M | {so:.2f} | "
+              f"{st:.2f} ({passes}) "
+              f"| {so / st:.2f}x | {o['flops'] / 1e9:.1f} | {o['memory'] / 2**20:.0f} |")
 
 
 if __name__ == "__main__":

@@ -166,7 +166,8 @@ def test_ddbm_conditional_distribution():
 
 def test_bridge_marginal_endpoints():
     x0, x1, noise = jnp.zeros((2, 4)), jnp.ones((2, 4)), jnp.ones((2, 4))
-    np.testing.assert_array_equal(ddbm.bridge_marginal(x0, x1, jnp.array([0.0, 1.0]), 2.0, noise), [[0.0] * 4, [1.0] * 4])
+    ends = ddbm.bridge_marginal(x0, x1, jnp.array([0.0, 1.0]), 2.0, noise)
+    np.testing.assert_array_equal(ends, [[0.0] * 4, [1.0] * 4])
     mid = ddbm.bridge_marginal(x0, x1, 0.5, 2.0, noise)
     np.testing.assert_allclose(mid, 0.5 + 2.0 * 0.5, rtol=1e-6)  # mean 1/2, std 2 sqrt(1/4)
 

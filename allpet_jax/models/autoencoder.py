@@ -21,7 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from allpet_jax.models.layers import Downsample, GroupNorm, ResBlock, Upsample, depth_to_space, group_count, space_to_depth
+from allpet_jax.models.layers import (
+    Downsample,
+    GroupNorm,
+    ResBlock,
+    Upsample,
+    depth_to_space,
+    group_count,
+    space_to_depth,
+)
 
 DEFAULT_CHANNELS = {4: (32, 64, 128), 8: (32, 64, 128, 128)}
 INITIAL_LOGVAR = -10.0
@@ -56,7 +64,8 @@ class Encoder(nnx.Module):
         self.conv_out = nnx.Conv(
             prev, 2 * z, (3, 3),
             kernel_init=nnx.initializers.zeros if patch_shortcut else nnx.initializers.lecun_normal(),
-            bias_init=lambda key, shape, dtype: jnp.concatenate([jnp.zeros(z), jnp.full(z, INITIAL_LOGVAR)]).astype(dtype),
+            bias_init=lambda key, shape, dtype: jnp.concatenate([jnp.zeros(z), jnp.full(z, INITIAL_LOGVAR)]).astype(
+                dtype),
             rngs=rngs,
         )
 
@@ -143,8 +152,9 @@ class SinogramAutoencoder(nnx.Module):
         self.in_channels = in_channels
         self.latent_channels = latent_channels
         self.factor = factor
-        self.encoder = Encoder(in_channels, latent_channels, channels, num_res_blocks, max_groups, patch_shortcut, rngs=rngs)
-        self.decoder = Decoder(in_channels, latent_channels, channels, num_res_blocks, max_groups, patch_shortcut, rngs=rngs)
+        args = (latent_channels, channels, num_res_blocks, max_groups, patch_shortcut)
+        self.encoder = Encoder(in_channels, *args, rngs=rngs)
+        self.decoder = Decoder(in_channels, *args, rngs=rngs)
 
     def latent_shape(self, n_angles: int, n_bins: int) -> tuple[int, int, int]:
         """`(n_angles/f, n_bins/f, z)` for a sinogram geometry (raises if not divisible)."""

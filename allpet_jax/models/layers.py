@@ -114,7 +114,8 @@ class SpatialSelfAttention(nnx.Module):
 
     def __call__(self, x):
         B, H, W, C = x.shape
-        q, k, v = jnp.split(self.qkv(self.norm(x)).reshape(B, H * W, 3 * self.num_heads, C // self.num_heads), 3, axis=2)
+        qkv = self.qkv(self.norm(x)).reshape(B, H * W, 3 * self.num_heads, C // self.num_heads)
+        q, k, v = jnp.split(qkv, 3, axis=2)
         h = jax.nn.dot_product_attention(q, k, v)  # (B, HW, heads, C/heads)
         return x + self.out(h.reshape(B, H, W, C))
 

@@ -151,7 +151,8 @@ class LatentUNet(nnx.Module):
         """The `(B, emb)` vector that modulates every residual block."""
         emb = self.time_mlp(timestep_embedding(t, self.time_features))
         if prompt is not None:
-            emb = emb + self.tracer_embed(prompt.tracer) + self.region_embed(prompt.region) + self.task_embed(prompt.task)
+            emb = emb + self.tracer_embed(prompt.tracer) + self.region_embed(prompt.region)
+            emb = emb + self.task_embed(prompt.task)
             emb = emb + self.geometry_mlp(geometry_features(prompt.geometry, self.geometry_frequencies))
         return emb
 
