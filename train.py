@@ -235,12 +235,8 @@ def validate(evaluate, state, val_batches, seed: int) -> dict:
 
 
 def tx_learning_rate(cfg, stage: str, step: int) -> float:
-    import optax
-
     t = cfg.train
-    schedule = optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, max(1, t.warmup_steps),
-                                                  max(int(t.steps[stage]), t.warmup_steps + 1), t.learning_rate * 0.05)
-    return schedule(step)
+    return train_step.learning_rate_schedule(t.learning_rate, int(t.steps[stage]), t.warmup_steps)(step)
 
 
 def count_parameters_state(params) -> int:

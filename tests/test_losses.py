@@ -10,19 +10,7 @@ import radon
 from allpet_jax import losses
 from allpet_jax.diffusion import linear_schedule, schedules
 from allpet_jax.models import LatentUNet, SinogramAutoencoder, condition_channel_count, condition_channels
-
-TINY_AE = dict(channels=(4, 8, 8), num_res_blocks=1, max_groups=4)
-
-
-def rngs(seed=0):
-    # "rbg" keys: XLA:CPU compiles each threefry initialiser ~10x slower, and a model has dozens of shapes.
-    return nnx.Rngs(jax.random.key(seed, impl="rbg"))
-
-
-def quick_jit(fn):
-    """`jax.jit` at XLA:CPU backend optimisation level 0: these programs run once, and compile ~2.5x faster.
-    NNX modules are pytrees, so they pass in and out as arguments (without in-place updates)."""
-    return jax.jit(fn, compiler_options={"xla_backend_optimization_level": 0})
+from model_helpers import TINY_AE, quick_jit, rngs
 
 
 def smooth_sinograms(key, batch, n_angles=32, n_bins=32):

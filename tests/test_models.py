@@ -20,19 +20,8 @@ from allpet_jax.models import (
     sinogram_map_to_latent,
 )
 from allpet_jax.models.layers import GroupNorm, depth_to_space, space_to_depth
+from model_helpers import TINY_AE, quick_jit, rngs
 
-TINY_AE = dict(channels=(4, 8, 8), num_res_blocks=1, max_groups=4)
-
-
-def rngs(seed=0):
-    # "rbg" keys: XLA:CPU compiles each threefry initialiser ~10x slower, and a model has dozens of shapes.
-    return nnx.Rngs(jax.random.key(seed, impl="rbg"))
-
-
-def quick_jit(fn):
-    """`jax.jit` at XLA:CPU backend optimisation level 0: these programs run once, and compile ~2.5x faster.
-    NNX modules are pytrees, so they pass in and out as arguments (without in-place updates)."""
-    return jax.jit(fn, compiler_options={"xla_backend_optimization_level": 0})
 TINY_UNET = dict(channels=(8, 16), num_res_blocks=1, attention_levels=(1,), num_heads=2, max_groups=4,
                  num_tracers=3, num_regions=4, num_tasks=6)
 

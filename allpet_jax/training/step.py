@@ -39,6 +39,17 @@ class TrainState(NamedTuple):
     frozen: Any  # parameters the loss reads but the optimiser never changes ({} when none)
 
 
+def learning_rate_schedule(learning_rate: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
+    """Linear warm-up to `learning_rate`, then cosine decay to 5% of it at `total_steps`."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=learning_rate,
+        warmup_steps=max(1, warmup_steps),
+        decay_steps=max(total_steps, warmup_steps + 1),
+        end_value=learning_rate * 0.05,
+    )
+
+
 def make_optimizer(
     learning_rate: float,
     total_steps: int,
@@ -49,13 +60,7 @@ def make_optimizer(
     b2: float = 0.999,
 ) -> optax.GradientTransformation:
     """AdamW with linear warm-up then cosine decay, after global-norm gradient clipping."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=learning_rate,
-        warmup_steps=max(1, warmup_steps),
-        decay_steps=max(total_steps, warmup_steps + 1),
-        end_value=learning_rate * 0.05,
-    )
+    schedule = learning_rate_schedule(learning_rate, total_steps, warmup_steps)
     return optax.chain(
         optax.clip_by_global_norm(clip_norm),
         optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay),
