@@ -1,12 +1,13 @@
-"""Train ALL-PET: the sinogram autoencoder, the RMAS foundation model, and low-shot task fine-tuning.
+"""Train ALL-PET: the sinogram autoencoder, the RMAS foundation model, low-shot task fine-tuning, and
+the regression baseline the evaluation compares against.
 
     python train.py --config configs/base.py:cpu --workdir workdir [--config.data.task=low_dose ...]
 
 Each stage in `config.train.stages` runs in `WORKDIR/<stage>`: mesh, data, model and optimiser,
 checkpoint manager (resuming from the latest checkpoint there), then the loop. A later stage reads the
-earlier stages' checkpoints: the diffusion stages freeze the autoencoder of `WORKDIR/autoencoder`, and
-the task stage starts from the U-Net of `WORKDIR/foundation`. With no data path the simulator is the
-data (`allpet_jax/data/`).
+earlier stages' checkpoints: the U-Net stages freeze the autoencoder of `WORKDIR/autoencoder`, and the
+task stage starts from the U-Net of `WORKDIR/foundation` (the regressor starts from scratch). With no
+data path the simulator is the data (`allpet_jax/data/`).
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from allpet_jax.data import pipeline
-from allpet_jax.data.sources import geometry_to_dict
-from allpet_jax.training import checkpointing, memory, stages
+from allpet_jax.training import checkpointing, memory, runs, stages
 from allpet_jax.training import step as train_step
 from allpet_jax.training.metrics import MetricsWriter
 from allpet_jax.training.preview import save_grid
@@ -35,6 +35,7 @@ config_flags.DEFINE_config_file("config", "configs/base.py", "ml_collections con
 flags.DEFINE_string("workdir", "workdir", "where checkpoints, metrics and figures go")
 
 # Batch fields the train step uses; everything else stays on the host.
+_INIT_BATCHES = 4  # training batches for the patch PCA of the autoencoder and the latent/residual scales
 _STEP_FIELDS = ("source", "target", "prompt", "index", "sino_mask", "positive", "negative", "full", "tma")
 
 
@@ -44,43 +45,25 @@ def maybe_initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
-def stage_config(config, stage: str):
-    """The config as this stage trains it: the foundation model learns synthesis on RMAS triplets; the
-    other stages read the task's pairs, and the task stage adds TMA when `tma.enabled`."""
-    cfg = config.copy_and_resolve_references()
-    cfg.unlock()
-    if stage == "foundation":
-        cfg.data.task = "synthesis"
-    if cfg.data.cache_dir:  # one shard cache per task, so the stages can share a cache root
-        cfg.data.cache_dir = os.path.join(cfg.data.cache_dir, cfg.data.task)
-    cfg.masks.enabled = stage == "foundation"
-    cfg.tma.enabled = stage == "task" and config.tma.enabled  # TMA is a fine-tuning option
-    return cfg
-
-
-def stage_meta(cfg, stage: str) -> dict:
-    """What must match to resume a stage or build on it."""
-    return {
-        "stage": stage,
-        "task": cfg.data.task,
-        "geometry": geometry_to_dict(pipeline.geometry_from_config(cfg.data)),
-        "model": json.loads(cfg.model.to_json()),
-    }
-
-
 def channels_of(batch) -> tuple[int, int]:
     return int(batch["target"].shape[1]), int(batch["source"].shape[1])
 
 
-def build_stage(cfg, stage: str, workdir: str, example_batch):
-    """The `Stage` (model, losses) for `stage`, loading what it needs from the earlier stages."""
+def build_stage(cfg, stage: str, workdir: str, example_batch, train_ds):
+    """The `Stage` (model, losses) for `stage`, loading what it needs from the earlier stages.
+
+    A few training batches (read by a fresh iterator, so the training iterator and its checkpointed
+    state are untouched) set the data-dependent starting points: the autoencoder's patch PCA, the
+    latent scale and the residual scale."""
+    first = [step_batch(b) for _, b in zip(range(_INIT_BATCHES), iter(train_ds))]
     if stage == "autoencoder":
-        return stages.autoencoder_stage(cfg, cfg.seed)
+        init = {k: np.concatenate([b[k] for b in first]) for k in ("target", "source") if k in first[0]}
+        return stages.autoencoder_stage(cfg, cfg.seed, init_batch=init)
     ae_dir = cfg.train.autoencoder_dir or os.path.join(os.path.dirname(workdir), "autoencoder")
     ae = stages.autoencoder_stage(cfg, cfg.seed)
-    ae_state, _ = load_previous(ae_dir, ae, cfg, "autoencoder", check_task=False)  # any sinograms will do
+    ae_state, _ = runs.load_state(ae_dir, ae, cfg, "autoencoder", check_task=False)  # any sinograms will do
     ae_params = ae_state.ema
-    scale = stages.measure_latent_scale(ae.graphdef, ae_params, [example_batch])
+    scale = stages.measure_latent_scale(ae.graphdef, ae_params, first)
     target_channels, source_channels = channels_of(example_batch)
     unet_params = None
     if stage == "task":
@@ -88,36 +71,16 @@ def build_stage(cfg, stage: str, workdir: str, example_batch):
         if checkpointing.has_checkpoint(foundation_dir):
             probe = stages.diffusion_stage("foundation", cfg, ae.graphdef, ae_params, scale, target_channels,
                                            source_channels, cfg.seed)
-            found_state, _ = load_previous(foundation_dir, probe, cfg, "foundation", check_task=False)
+            found_state, _ = runs.load_state(foundation_dir, probe, cfg, "foundation", check_task=False)
             unet_params = found_state.ema
             print(f"[task] starting from the foundation U-Net in {foundation_dir}", flush=True)
         else:
             logging.warning("task: no foundation checkpoint in %s; training the U-Net from scratch", foundation_dir)
+    residual_scale = 1.0
+    if stage in ("task", "regressor") and cfg.diffusion.residual:
+        residual_scale = stages.measure_residual_scale(ae.graphdef, ae_params, first, scale)
     return stages.diffusion_stage(stage, cfg, ae.graphdef, ae_params, scale, target_channels, source_channels,
-                                  cfg.seed, unet_params=unet_params)
-
-
-def load_previous(directory: str, stage_obj, cfg, name: str, check_task: bool = True):
-    if not checkpointing.has_checkpoint(directory):
-        raise FileNotFoundError(
-            f"the {name} stage needs a checkpoint in {directory}; train it first "
-            f"(--config.train.stages={name},...) or point --config.train.{name}_dir at one"
-        )
-    manager = checkpointing.make_manager(directory, keep_best=0)
-    meta = checkpointing.read_meta(manager)
-    expected = stage_meta(stage_config(cfg, name), name)
-    keys = ("geometry", "model") + (("task",) if check_task else ())
-    checkpointing.check_compatible(meta, expected, keys, directory)
-    abstract = train_step.init_state(stage_obj.params, make_tx(cfg, name), cfg.seed, stage_obj.frozen)
-    state = checkpointing.restore_state_only(manager, manager.latest_step(), checkpointing.abstract(abstract))
-    manager.close()
-    return state, meta
-
-
-def make_tx(cfg, stage: str):
-    t = cfg.train
-    return train_step.make_optimizer(t.learning_rate, total_steps=int(t.steps[stage]), warmup_steps=t.warmup_steps,
-                                     weight_decay=t.weight_decay, clip_norm=t.clip_norm)
+                                  cfg.seed, unet_params=unet_params, residual_scale=residual_scale)
 
 
 def step_batch(batch: dict) -> dict:
@@ -125,7 +88,8 @@ def step_batch(batch: dict) -> dict:
 
 
 def run_stage(config, stage: str, workdir: str) -> dict:
-    cfg = stage_config(config, stage)
+    stage_start = time.perf_counter()
+    cfg = runs.stage_config(config, stage)
     os.makedirs(workdir, exist_ok=True)
     total_steps = int(cfg.train.steps[stage])
     print(f"=== stage {stage}: {total_steps} steps in {workdir}", flush=True)
@@ -147,16 +111,19 @@ def run_stage(config, stage: str, workdir: str) -> dict:
     example = val_batches[0]
 
     # --- model and optimiser -----------------------------------------------------------------------------
-    stage_obj = build_stage(cfg, stage, workdir, example)
+    stage_obj = build_stage(cfg, stage, workdir, example, train_ds)
     n_params = count_parameters_state(stage_obj.params)
     print(f"[{stage}] trainable parameters: {n_params:,}", flush=True)
-    tx = make_tx(cfg, stage)
+    tx = runs.make_tx(cfg, stage)
     state = train_step.init_state(stage_obj.params, tx, cfg.seed, stage_obj.frozen)
 
     # --- checkpoints: resume from the latest in this stage's workdir -------------------------------------
-    manager = checkpointing.make_manager(workdir, keep_last=cfg.train.keep_checkpoints)
-    meta = stage_meta(cfg, stage)
+    best_name, best_mode = stage_obj.best_metric
+    manager = checkpointing.make_manager(workdir, keep_last=cfg.train.keep_checkpoints, best_metric=best_name,
+                                         best_mode=best_mode)
+    meta = runs.stage_meta(cfg, stage)
     meta["normalisation"] = normalisation.to_dict()
+    meta["channels"] = dict(zip(("target", "source"), channels_of(example)))
     start = 0
     if manager.latest_step() is not None:
         found = checkpointing.read_meta(manager)
@@ -189,6 +156,10 @@ def run_stage(config, stage: str, workdir: str) -> dict:
     progress = tqdm(total=total_steps, initial=start, desc=stage, unit="step", dynamic_ncols=True,
                     disable=jax.process_index() != 0)
     last_val = {}
+    if start == 0:  # the untrained model's numbers, so the log shows how far training moved them
+        last_val = validate(evaluate, state, val_batches, cfg.seed)
+        writer.write(0, last_val, split="val")
+    worst = float("-inf") if best_mode == "max" else float("inf")
     t0, seen = time.perf_counter(), 0
     for step in range(start, total_steps):
         batch = jax.device_put(step_batch(next(train_iter)), train_step.batch_sharding(mesh))
@@ -211,7 +182,7 @@ def run_stage(config, stage: str, workdir: str) -> dict:
             writer.write(done, last_val, split="val")
         if done % cfg.train.checkpoint_every == 0 or done == total_steps:
             checkpointing.save(manager, done, jax.device_get(state), train_iter, json.loads(cfg.to_json()), meta,
-                               metrics={"val_psnr": float(last_val.get("val_psnr", float("-inf")))})
+                               metrics={best_name: float(last_val.get(best_name, worst))})
         progress.update(1)
     progress.close()
     manager.wait_until_finished()
@@ -221,6 +192,7 @@ def run_stage(config, stage: str, workdir: str) -> dict:
     rows = stage_obj.preview(state.ema, state.frozen, jax.tree.map(jnp.asarray, example), jax.random.key(cfg.seed))
     path = save_grid(rows, os.path.join(workdir, f"samples_{stage}.png"), title=f"{stage}, step {int(state.step)}")
     final = validate(evaluate, state, val_batches, cfg.seed)
+    final["wall_s"] = time.perf_counter() - stage_start
     print(f"[{stage}] done at step {int(state.step)}: " + ", ".join(f"{k} {v:.2f}" for k, v in final.items())
           + f"; samples in {path}", flush=True)
     writer.close()

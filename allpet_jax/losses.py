@@ -86,18 +86,36 @@ def consistency_loss(decode, x0_pos, x0_neg, sino):
     return _per_sample_mean(jnp.square(decoded[:B] + decoded[B:] - sino))
 
 
+def draw_steps_and_noise(key, schedule: Schedule, batch: int, noise_shape: tuple, dtype=jnp.float32):
+    """Steps `t` `(batch,)` uniform in `0 .. T-1` and standard normal noise `(batch,) + noise_shape`.
+
+    `key` is one key for the whole batch, or one key per sample `(batch,)`: then sample `b`'s step and
+    noise depend only on its own key, so a batch split over devices or micro-batches draws the same
+    numbers (the train step gives each sample a key from its global index).
+    """
+    if jnp.ndim(key) == 0:
+        kt, kn = jax.random.split(key)
+        return (jax.random.randint(kt, (batch,), 0, schedule.num_steps),
+                jax.random.normal(kn, (batch,) + tuple(noise_shape), dtype))
+    if key.shape != (batch,):
+        raise ValueError(f"key must be one key or one per sample ({batch},); got shape {key.shape}")
+    pairs = jax.vmap(jax.random.split)(key)
+    t = jax.vmap(lambda k: jax.random.randint(k, (), 0, schedule.num_steps))(pairs[:, 0])
+    noise = jax.vmap(lambda k: jax.random.normal(k, tuple(noise_shape), dtype))(pairs[:, 1])
+    return t, noise
+
+
 def diffusion_loss(predict, key, schedule: Schedule, x0, *, parameterization: str = "eps", weight=None):
     """Denoising loss of one batch of latents `x0` `(B, h, w, z)` at uniformly drawn steps.
 
     Args:
       predict: `(x_t, t) -> output` with `t` integer steps `(B,)`.
+      key: one key, or one per sample `(B,)` (see `draw_steps_and_noise`).
       weight: per-latent-pixel weight broadcastable to `x0` (e.g. `tma_latent_weight`), or None.
     Returns:
       `(loss, parts)`.
     """
-    kt, kn = jax.random.split(key)
-    t = jax.random.randint(kt, (x0.shape[0],), 0, schedule.num_steps)
-    noise = jax.random.normal(kn, x0.shape, x0.dtype)
+    t, noise = draw_steps_and_noise(key, schedule, x0.shape[0], x0.shape[1:], x0.dtype)
     out = predict(schedules.q_sample(schedule, x0, t, noise), t)
     loss = jnp.mean(weighted_mse(out, schedules.training_target(schedule, parameterization, x0, t, noise), weight))
     return loss, {"diffusion": loss, "total": loss}
@@ -118,6 +136,7 @@ def rmas_diffusion_loss(predict, key, schedule: Schedule, views, *, parameteriza
     (then `decode` and `sino` are not needed).
 
     Args:
+      key: one key, or one per sample `(B,)` (see `draw_steps_and_noise`).
       views: clean latents `(3, B, h, w, z)` of the full, positive and negative sinograms.
       weight: per-latent-pixel weight `(B, h, w, 1)` (TMA), shared by the views, or None.
       decode, sino: the frozen decoder and the full sinograms `(B, C, n_angles, n_bins)`.
@@ -127,10 +146,10 @@ def rmas_diffusion_loss(predict, key, schedule: Schedule, views, *, parameteriza
     V, B = views.shape[:2]
     if V != 3:
         raise ValueError(f"rmas_diffusion_loss views must be stacked (full, positive, negative) on axis 0; got {V}")
-    kt, kn = jax.random.split(key)
-    t = jnp.tile(jax.random.randint(kt, (B,), 0, schedule.num_steps), V)
+    t, noise = draw_steps_and_noise(key, schedule, B, (V,) + views.shape[2:], views.dtype)
+    t = jnp.tile(t, V)
     x0 = views.reshape((V * B,) + views.shape[2:])
-    noise = jax.random.normal(kn, x0.shape, x0.dtype)
+    noise = jnp.moveaxis(noise, 1, 0).reshape(x0.shape)
     x_t = schedules.q_sample(schedule, x0, t, noise)
     out = predict(x_t, t)
     w = None if weight is None else jnp.tile(weight, (V,) + (1,) * (weight.ndim - 1))

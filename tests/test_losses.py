@@ -147,3 +147,17 @@ def test_rmas_loss_gradients_finite_through_unet_and_decoder():
     leaves = jax.tree.leaves(grads)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
     assert float(jnp.sum(jnp.abs(grads["conv_out"]["kernel"][...]))) > 0
+
+
+def test_per_sample_keys_draw_the_same_numbers_in_any_split():
+    """One key per sample: a sample's step and noise depend only on its own key, not on the batch it is in."""
+    schedule = linear_schedule(100)
+    keys = jax.random.split(jax.random.key(11), 6)
+    t, noise = losses.draw_steps_and_noise(keys, schedule, 6, (4, 4, 2))
+    t2, noise2 = losses.draw_steps_and_noise(keys[2:5], schedule, 3, (4, 4, 2))
+    np.testing.assert_array_equal(t[2:5], t2)
+    np.testing.assert_array_equal(noise[2:5], noise2)
+    assert noise.shape == (6, 4, 4, 2) and int(t.min()) >= 0 and int(t.max()) < 100
+    assert abs(float(noise.std()) - 1.0) < 0.15 and len(set(np.asarray(t).tolist())) > 1
+    with pytest.raises(ValueError, match="one per sample"):
+        losses.draw_steps_and_noise(keys[:5], schedule, 6, (4, 4, 2))

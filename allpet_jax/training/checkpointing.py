@@ -70,6 +70,14 @@ def read_meta(manager: ocp.CheckpointManager, step: int | None = None) -> dict:
     return dict(restored["meta"])
 
 
+def read_config_and_meta(manager: ocp.CheckpointManager, step: int | None = None) -> tuple[dict, dict]:
+    """The `config` and `meta` items of a checkpoint step (default the latest)."""
+    step = manager.latest_step() if step is None else step
+    restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
+                                                             meta=ocp.args.JsonRestore()))
+    return dict(restored["config"]), dict(restored["meta"])
+
+
 def check_compatible(found: dict, expected: dict, keys: tuple[str, ...], where: str) -> None:
     """Raise `CheckpointMismatchError` naming every key whose value differs."""
     diffs = [f"{k}: checkpoint has {found.get(k)!r}, this run has {expected.get(k)!r}"

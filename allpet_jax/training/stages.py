@@ -1,18 +1,26 @@
-"""The three training stages of ALL-PET as pure functions for the generic train step.
+"""The training stages of ALL-PET as pure functions for the generic train step.
 
 - `autoencoder`: the KL sinogram autoencoder on every sinogram channel of the task's data.
 - `foundation`: the latent diffusion model for synthesis, trained on the RMAS/DMM triplet (full,
   positive, negative views) with the positive/negative consistency loss.
 - `task`: low-shot fine-tuning for one paired task: the target latent is generated conditioned on the
   source latent (and the TMA map), with the diffusion loss weighted by `1 + alpha * A_sino`.
+- `regressor`: the evaluation's deterministic baseline, the same U-Net trained on the same pairs as a
+  plain regression source -> target.
 
 Autoencoder channels: every sinogram channel is encoded on its own (channels fold into the batch), so
 one single-channel autoencoder serves 1-channel sources and 2-channel separation targets; a C-channel
 sinogram's latent is the C per-channel latents concatenated on the channel axis, times `latent_scale`.
 
 Each stage gives a `Stage`: the trainable parameters, the frozen ones (autoencoder and latent scale for
-the diffusion stages), the loss, a validation function returning `val_psnr`, and a preview for the
-sample grid. Nothing here runs a loop; `train.py` does.
+the diffusion stages), the loss, a validation function, the validation metric that picks the best
+checkpoint, and a preview for the sample grid. Nothing here runs a loop; `train.py` does.
+
+Validation: the autoencoder reports reconstruction PSNR; the diffusion stages report `val_loss`, the
+training loss on the validation batch with fixed keys (the standard progress measure of diffusion
+training, and the only one for synthesis, where a sample is not meant to match any one sinogram); the
+task stage also samples with DDIM and reports the samples' PSNR against the target next to the
+identity baseline (the source itself).
 """
 
 from __future__ import annotations
@@ -26,12 +34,15 @@ import numpy as np
 from flax import nnx
 
 from allpet_jax import losses
-from allpet_jax.diffusion import ddim, schedules
+from allpet_jax.data.kinetics import TRACERS
+from allpet_jax.data.phantoms import REGIONS
+from allpet_jax.data.simulate import TASKS
+from allpet_jax.diffusion import ddbm, ddim, ddpm, schedules
 from allpet_jax.diffusion.model_function import NNXDenoiser
 from allpet_jax.models.autoencoder import SinogramAutoencoder
 from allpet_jax.models.unet import LatentUNet, Prompt
 
-STAGES = ("autoencoder", "foundation", "task")
+STAGES = ("autoencoder", "foundation", "task", "regressor")
 
 
 @dataclasses.dataclass
@@ -41,8 +52,10 @@ class Stage:
     params: Any
     frozen: dict
     loss_fn: Callable  # (params, frozen, batch, keys) -> (loss, parts)
-    evaluate: Callable  # (params, frozen, batch, key) -> dict of per-batch metrics (incl. val_psnr)
+    evaluate: Callable  # (params, frozen, batch, key) -> dict of per-batch metrics (incl. best_metric)
     preview: Callable  # (params, frozen, batch, key) -> (rows of images: [(title, (B, A, Bn)), ...])
+    best_metric: tuple[str, str] = ("val_psnr", "max")  # (metric, 'max' or 'min') for the best checkpoint
+    generate: Callable | None = None  # (params, frozen, batch, key, sampler, num_steps, eta) -> sinograms
 
 
 def split_model(model: nnx.Module):
@@ -63,6 +76,11 @@ def psnr(pred, target):
 # --- autoencoder --------------------------------------------------------------------------------------
 
 
+def model_rngs(seed: int) -> nnx.Rngs:
+    """Initialiser keys: `rbg` keys, whose initialisers compile about ten times faster on CPU than threefry."""
+    return nnx.Rngs(jax.random.key(seed, impl="rbg"))
+
+
 def build_autoencoder(model_cfg, seed: int) -> SinogramAutoencoder:
     return SinogramAutoencoder(
         in_channels=1,
@@ -70,7 +88,7 @@ def build_autoencoder(model_cfg, seed: int) -> SinogramAutoencoder:
         factor=model_cfg.factor,
         channels=tuple(model_cfg.ae_channels),
         num_res_blocks=model_cfg.ae_res_blocks,
-        rngs=nnx.Rngs(seed),
+        rngs=model_rngs(seed),
     )
 
 
@@ -97,21 +115,20 @@ def decode(ae_graphdef, ae_params, latent, scale, channels: int):
     return sino.reshape((B, channels) + sino.shape[2:])
 
 
-def autoencoder_stage(config, seed: int) -> Stage:
+def autoencoder_stage(config, seed: int, init_batch: dict | None = None) -> Stage:
+    """The autoencoder stage; with `init_batch` (training sinograms) its patch shortcut starts as their
+    whitened patch PCA (`SinogramAutoencoder.init_patch_pca`), so training starts from the best linear
+    code instead of from noise."""
     model = build_autoencoder(config.model, seed)
+    if init_batch is not None:
+        model.init_patch_pca(_all_sinograms(init_batch))
     graphdef, params = split_model(model)
     kl_weight = config.model.kl_weight
     reconstruction = config.model.reconstruction
 
-    def sinograms(batch):
-        parts = [_channels_to_batch(batch["target"])]
-        if "source" in batch:
-            parts.append(_channels_to_batch(batch["source"]))
-        return jnp.concatenate(parts)
-
     def loss_fn(p, frozen, batch, keys):
         model = nnx.merge(graphdef, p)
-        sino = sinograms(batch)
+        sino = _all_sinograms(batch)
         reps = sino.shape[0] // keys.shape[0]
         per_key = jnp.concatenate([keys] * reps)
 
@@ -123,7 +140,7 @@ def autoencoder_stage(config, seed: int) -> Stage:
 
     def reconstruct(p, batch):
         model = nnx.merge(graphdef, p)
-        sino = sinograms(batch)
+        sino = _all_sinograms(batch)
         return model(sino)[0], sino
 
     def evaluate(p, frozen, batch, key):
@@ -135,6 +152,14 @@ def autoencoder_stage(config, seed: int) -> Stage:
         return [("input", sino[:, 0]), ("reconstruction", recon[:, 0]), ("|error|", jnp.abs(recon - sino)[:, 0])]
 
     return Stage("autoencoder", graphdef, params, {}, loss_fn, evaluate, preview)
+
+
+def _all_sinograms(batch):
+    """Every sinogram channel of a batch (target, then source) as single-channel sinograms `(N, 1, A, Bn)`."""
+    parts = [_channels_to_batch(batch["target"])]
+    if "source" in batch:
+        parts.append(_channels_to_batch(batch["source"]))
+    return jnp.concatenate(parts)
 
 
 def measure_latent_scale(ae_graphdef, ae_params, batches) -> float:
@@ -156,7 +181,10 @@ def build_unet(config, target_channels: int, source_channels: int, seed: int) ->
         num_res_blocks=m.unet_res_blocks,
         attention_levels=tuple(m.attention_levels),
         num_heads=m.num_heads,
-        rngs=nnx.Rngs(seed),
+        num_tracers=len(TRACERS),
+        num_regions=len(REGIONS),
+        num_tasks=len(TASKS),
+        rngs=model_rngs(seed),
     )
 
 
@@ -168,16 +196,20 @@ def make_schedule(diffusion_cfg):
     raise ValueError(f"diffusion.schedule must be 'cosine' or 'linear'; got {diffusion_cfg.schedule!r}")
 
 
-def prompt_of(batch, sino_shape, drop_key=None, drop_prob: float = 0.0, null_id: int = 0) -> Prompt:
-    """The model prompt from `batch['prompt']` `(B, 3)` (tracer, region, task ids, each + 1 so that 0 is
-    the null id of classifier-free guidance) and the sinogram geometry."""
-    ids = jnp.asarray(batch["prompt"], jnp.int32) + 1
-    if drop_key is not None and drop_prob > 0:
-        drop = jax.random.bernoulli(drop_key, drop_prob, ids.shape[:1])
-        ids = jnp.where(drop[:, None], null_id, ids)
+def prompt_of(batch, sino_shape) -> Prompt:
+    """The model prompt from `batch['prompt']` `(B, 3)` (tracer, region and task ids: indices into
+    `TRACERS`, `REGIONS`, `TASKS`) and the sinogram geometry `(n_angles, n_bins)`."""
+    ids = jnp.asarray(batch["prompt"], jnp.int32)
     B = ids.shape[0]
     geometry = jnp.broadcast_to(jnp.asarray(sino_shape, jnp.float32), (B, 2))
     return Prompt(tracer=ids[:, 0], region=ids[:, 1], task=ids[:, 2], geometry=geometry)
+
+
+def drop_prompt(prompt: Prompt, drop, null_ids) -> Prompt:
+    """Classifier-free guidance training: where `drop` `(B,)` is true every id becomes its table's null id
+    (`LatentUNet.null_ids`); the geometry is never dropped."""
+    tracer, region, task = (jnp.where(drop, n, ids) for n, ids in zip(null_ids, prompt[:3]))
+    return prompt._replace(tracer=tracer, region=region, task=task)
 
 
 def _latent_map(sino_map, latent_hw):
@@ -186,24 +218,76 @@ def _latent_map(sino_map, latent_hw):
     return sinogram_map_to_latent(sino_map, latent_hw)
 
 
+SAMPLERS = {"diffusion": ("ddim", "ddpm"), "bridge": ("ddbm",), "regression": ("direct",)}
+"""The samplers each objective's model can be sampled with."""
+
+
+def objective_of(name: str, config) -> str:
+    """`synthesis` (foundation), `diffusion` or `bridge` (task, `config.diffusion.task_objective`) or
+    `regression` (the deterministic `regressor` baseline)."""
+    if name == "foundation":
+        return "synthesis"
+    if name == "regressor":
+        return "regression"
+    objective = config.diffusion.get("task_objective", "diffusion")  # configs saved before it existed
+    if objective not in ("diffusion", "bridge"):
+        raise ValueError(f"diffusion.task_objective must be 'diffusion' or 'bridge'; got {objective!r}")
+    return objective
+
+
 def diffusion_stage(name: str, config, ae_graphdef, ae_params, latent_scale: float, target_channels: int,
-                    source_channels: int, seed: int, unet_params=None) -> Stage:
-    """`foundation` (synthesis on RMAS triplets) or `task` (paired, conditioned on the source)."""
+                    source_channels: int, seed: int, unet_params=None, residual_scale: float = 1.0) -> Stage:
+    """A latent U-Net stage: `foundation`, `task` or `regressor`.
+
+    - `foundation`: synthesis from a prompt, trained on RMAS triplets (the mask is a condition channel).
+    - `task`: the paired task, conditioned on the source latent (and the TMA map), trained with
+      `config.diffusion.task_objective`: `diffusion` (DDPM/DDIM) or `bridge` (a DDBM Brownian bridge from
+      the source latent to the target latent, `ddbm.py`).
+    - `regressor`: the same U-Net as a deterministic map source -> target (`t = 0`, zero input, MSE):
+      the regression baseline of the evaluation, trained on the same pairs.
+
+    With `config.diffusion.residual` the `diffusion` task and the regressor work on the residual latent
+    `residual_scale * (E(target) - E(baseline))`, `baseline` the source matched to the target's channels
+    (the identity baseline), added back after sampling: the model only learns what the task changes,
+    so a weak or early model degrades towards the identity instead of towards noise (residual
+    diffusion, as in ResShift, Yue et al. 2023). `measure_residual_scale` gives the scale. (The bridge
+    starts from the source already and needs no residual.)
+    """
+    objective = objective_of(name, config)
     unet = build_unet(config, target_channels, source_channels, seed)
+    null_ids = unet.null_ids
     graphdef, params = split_model(unet)
     if unet_params is not None:
         params = unet_params
     frozen = {"ae": ae_params, "scale": jnp.asarray(latent_scale, jnp.float32)}
+    paired = objective != "synthesis"
+    residual = objective in ("diffusion", "regression") and bool(config.diffusion.get("residual", False))
+    if residual:
+        frozen["residual_scale"] = jnp.asarray(residual_scale, jnp.float32)
     schedule = make_schedule(config.diffusion)
     param = config.diffusion.parameterization
+    sigma = float(config.diffusion.get("bridge_sigma", 1.0))
     z = config.model.latent_channels
-    paired = name == "task"
+    f = config.model.factor
     tma_alpha = float(config.tma.alpha) if paired and config.tma.enabled else 0.0
     consistency_weight = float(config.diffusion.consistency_weight) if not paired else 0.0
-    drop_prob = float(config.diffusion.prompt_drop_prob)
+    drop_prob = float(config.diffusion.prompt_drop_prob) if objective != "regression" else 0.0
+    clip_x0 = float(config.diffusion.clip_x0) or None
 
     def enc(frozen, sino):
         return encode(ae_graphdef, frozen["ae"], sino, frozen["scale"])
+
+    def dec(frozen, latent):
+        return decode(ae_graphdef, frozen["ae"], latent, frozen["scale"], target_channels)
+
+    def baseline_latent(frozen, batch):
+        return enc(frozen, match_channels(batch["source"], target_channels))
+
+    def to_model(frozen, batch, x0):  # target latent -> what the model generates
+        return (x0 - baseline_latent(frozen, batch)) * frozen["residual_scale"] if residual else x0
+
+    def from_model(frozen, batch, latent):
+        return baseline_latent(frozen, batch) + latent / frozen["residual_scale"] if residual else latent
 
     def condition(frozen, batch, latent_hw, mask=None):
         B = batch["target"].shape[0]
@@ -220,19 +304,32 @@ def diffusion_stage(name: str, config, ae_graphdef, ae_params, latent_scale: flo
     def loss_fn(p, frozen, batch, keys):
         unet = nnx.merge(graphdef, p)
         sino_shape = batch["target"].shape[-2:]
-        sample_noise = jax.vmap(lambda k: jax.random.split(k, 3))(keys)  # (B, 3) per-sample keys
-        prompt = prompt_of(batch, sino_shape)
-        drop = jax.vmap(lambda k: jax.random.bernoulli(k, drop_prob))(sample_noise[:, 2])
-        prompt = prompt._replace(**{f: jnp.where(drop, 0, getattr(prompt, f)) for f in ("tracer", "region", "task")})
+        noise_keys, drop_keys = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)  # per sample
+        drop = jax.vmap(lambda k: jax.random.bernoulli(k, drop_prob))(drop_keys)
+        prompt = drop_prompt(prompt_of(batch, sino_shape), drop, null_ids)
         x0 = enc(frozen, batch["target"])
         latent_hw = x0.shape[1:3]
-        if paired:
-            cond = condition(frozen, batch, latent_hw)
-            weight = None
-            if tma_alpha and "tma" in batch:
-                weight = losses.tma_latent_weight(batch["tma"], latent_hw, tma_alpha)
-            return _per_sample_diffusion(unet, schedule, param, x0, cond, prompt, sample_noise, weight)
-        # Foundation: the RMAS triplet (full, positive, negative) with the mask as a condition.
+        if not paired:
+            return _rmas_loss(unet, frozen, batch, prompt, noise_keys, latent_hw)
+        cond = condition(frozen, batch, latent_hw)
+        weight = losses.tma_latent_weight(batch["tma"], latent_hw, tma_alpha) if tma_alpha and "tma" in batch else None
+
+        def predict(x_t, t):
+            return unet(x_t, t, prompt=prompt, cond=cond)
+
+        if objective == "bridge":
+            x_t, t_model = jax.vmap(lambda k, a, b: ddbm.bridge_training_input(k, a[None], b[None], sigma))(
+                noise_keys, x0, baseline_latent(frozen, batch))
+            loss = jnp.mean(losses.weighted_mse(predict(x_t[:, 0], t_model[:, 0]), x0, weight))
+            return loss, {"bridge": loss, "total": loss}
+        x0 = to_model(frozen, batch, x0)
+        if objective == "regression":
+            loss = jnp.mean(losses.weighted_mse(predict(jnp.zeros_like(x0), jnp.zeros(x0.shape[:1])), x0, weight))
+            return loss, {"regression": loss, "total": loss}
+        return losses.diffusion_loss(predict, noise_keys, schedule, x0, parameterization=param, weight=weight)
+
+    def _rmas_loss(unet, frozen, batch, prompt, noise_keys, latent_hw):
+        """Foundation: the RMAS triplet (full, positive, negative) with the mask as a condition."""
         mask = batch["sino_mask"]
         x0 = enc(frozen, batch["full"])  # S (= P + N exactly, in both RMAS modes)
         views = jnp.stack([x0, enc(frozen, batch["positive"]), enc(frozen, batch["negative"])])
@@ -242,31 +339,45 @@ def diffusion_stage(name: str, config, ae_graphdef, ae_params, latent_scale: flo
         def predict(x_t, t):
             return unet(x_t, t, prompt=prompt3, cond=conds)
 
-        def dec(latent):
-            return decode(ae_graphdef, frozen["ae"], latent, frozen["scale"], target_channels)
+        return losses.rmas_diffusion_loss(predict, noise_keys, schedule, views, parameterization=param,
+                                          decode=(lambda lat: dec(frozen, lat)) if consistency_weight else None,
+                                          sino=batch["full"], consistency_weight=consistency_weight)
 
-        return losses.rmas_diffusion_loss(predict, sample_noise[0, 0], schedule, views, parameterization=param,
-                                          decode=dec if consistency_weight else None, sino=batch["full"],
-                                          consistency_weight=consistency_weight)
-
-    def generate(p, frozen, batch, key):
+    def generate(p, frozen, batch, key, sampler: str | None = None, num_steps: int | None = None,
+                 eta: float | None = None):
+        """Sinograms `(B, C, n_angles, n_bins)` for `batch` (its `target` gives only the geometry and batch
+        size; paired tasks read `source`). `sampler` defaults to the objective's first in `SAMPLERS`."""
+        sampler = sampler or SAMPLERS[objective if paired else "diffusion"][0]
+        allowed = SAMPLERS[objective if paired else "diffusion"]
+        if sampler not in allowed:
+            raise ValueError(f"a {name} model trained with the {objective!r} objective samples with {allowed}; "
+                             f"got sampler {sampler!r}")
         sino_shape = batch["target"].shape[-2:]
         B = batch["target"].shape[0]
-        f = config.model.factor
         latent_hw = (sino_shape[0] // f, sino_shape[1] // f)
         kwargs = {"prompt": prompt_of(batch, sino_shape), "cond": condition(frozen, batch, latent_hw)}
         shape = (B,) + latent_hw + (target_channels * z,)
-        latent = ddim.ddim_sample(NNXDenoiser(graphdef), (p, kwargs), key, schedule, shape,
-                                  num_steps=config.diffusion.val_steps, eta=0.0, parameterization=param,
-                                  clip_x0=config.diffusion.clip_x0 or None)
-        return decode(ae_graphdef, frozen["ae"], latent, frozen["scale"], target_channels)
+        steps = num_steps or config.diffusion.val_steps
+        if sampler == "direct":
+            latent = nnx.merge(graphdef, p)(jnp.zeros(shape), jnp.zeros((B,)), **kwargs)
+        elif sampler == "ddbm":
+            latent = ddbm.ddbm_sample(NNXDenoiser(graphdef), (p, kwargs), key, baseline_latent(frozen, batch), steps,
+                                      sigma=sigma, eta=1.0 if eta is None else eta)  # ancestral by default
+        elif sampler == "ddpm":
+            latent = ddpm.ddpm_sample(NNXDenoiser(graphdef), (p, kwargs), key, schedule, shape,
+                                      parameterization=param, clip_x0=clip_x0)
+        else:
+            latent = ddim.ddim_sample(NNXDenoiser(graphdef), (p, kwargs), key, schedule, shape, num_steps=steps,
+                                      eta=eta or 0.0, parameterization=param, clip_x0=clip_x0)
+        return dec(frozen, from_model(frozen, batch, latent) if paired else latent)
 
     def evaluate(p, frozen, batch, key):
-        out = generate(p, frozen, batch, key)
-        target = batch["target"]
-        metrics = {"val_psnr": jnp.mean(psnr(out, target))}
+        loss_key, sample_key = jax.random.split(key)
+        metrics = {"val_loss": loss_fn(p, frozen, batch, jax.random.split(loss_key, batch["target"].shape[0]))[0]}
         if paired:
-            metrics["val_psnr_source"] = jnp.mean(psnr(_match_channels(batch["source"], target), target))
+            out, target = generate(p, frozen, batch, sample_key), batch["target"]
+            metrics["val_psnr"] = jnp.mean(psnr(out, target))
+            metrics["val_psnr_source"] = jnp.mean(psnr(match_channels(batch["source"], target_channels), target))
         return metrics
 
     def preview(p, frozen, batch, key):
@@ -276,22 +387,44 @@ def diffusion_stage(name: str, config, ae_graphdef, ae_params, latent_scale: flo
             rows.insert(0, ("source", batch["source"][:, 0]))
         return rows
 
-    return Stage(name, graphdef, params, frozen, loss_fn, evaluate, preview)
+    best = ("val_psnr", "max") if paired else ("val_loss", "min")
+    return Stage(name, graphdef, params, frozen, loss_fn, evaluate, preview, best_metric=best, generate=generate)
 
 
-def _match_channels(source, target):
-    """The identity baseline: the source repeated (or split evenly) over the target's channels."""
-    if source.shape[1] == target.shape[1]:
+def match_channels(source, channels: int):
+    """The identity baseline `(B, channels, A, Bn)`: the source itself, or its channel mean split evenly
+    over `channels` (a mixture's even split for `tracer_separation`)."""
+    if source.shape[1] == channels:
         return source
-    return jnp.repeat(source.mean(axis=1, keepdims=True), target.shape[1], axis=1) / target.shape[1]
+    return jnp.repeat(source.mean(axis=1, keepdims=True), channels, axis=1) / channels
 
 
-def _per_sample_diffusion(unet, schedule, param, x0, cond, prompt, sample_keys, weight):
-    B = x0.shape[0]
-    t = jax.vmap(lambda k: jax.random.randint(k, (), 0, schedule.num_steps))(sample_keys[:, 0])
-    noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], x0.dtype))(sample_keys[:, 1])
-    x_t = schedules.q_sample(schedule, x0, t, noise)
-    out = unet(x_t, t, prompt=prompt, cond=cond)
-    target = schedules.training_target(schedule, param, x0, t, noise)
-    loss = jnp.mean(losses.weighted_mse(out, target, weight))
-    return loss, {"diffusion": loss, "total": loss}
+def measure_residual_scale(ae_graphdef, ae_params, batches, latent_scale: float) -> float:
+    """`1 / std` of the residual latents `E(target) - E(baseline)` over a few training batches."""
+    res = []
+    for b in batches:
+        target = jnp.asarray(b["target"])
+        base = match_channels(jnp.asarray(b["source"]), target.shape[1])
+        res.append(np.asarray(encode(ae_graphdef, ae_params, target, latent_scale)
+                              - encode(ae_graphdef, ae_params, base, latent_scale)))
+    return float(1.0 / max(np.std(np.concatenate([r.ravel() for r in res])), 1e-6))
+
+
+def random_batch(config, stage: str, batch_size: int, seed: int = 0, step: int = 0) -> dict:
+    """A batch of random sinograms with every field `stage`'s loss reads, at the config's geometry (one
+    channel): for benchmarks and equivalence tests of the train step, where the simulator is not the
+    point. `index` continues over steps, as the pipeline's does."""
+    rng = np.random.default_rng([seed, step])
+    shape = (batch_size, 1, config.data.n_angles, config.data.n_bins)
+    target = rng.gamma(2.0, 1.0, size=shape).astype(np.float32)
+    mask = (rng.random((batch_size,) + shape[2:]) < 0.5).astype(np.float32)
+    batch = {"target": target, "source": (target + rng.normal(size=shape)).astype(np.float32),
+             "prompt": np.tile(np.array([[0, 1, 1]], np.int32), (batch_size, 1)),
+             "index": np.arange(batch_size * step, batch_size * (step + 1), dtype=np.int32)}
+    if stage == "foundation":
+        batch.update(sino_mask=mask, full=target, positive=mask[:, None] * target,
+                     negative=(1 - mask[:, None]) * target)
+    if stage in ("task", "regressor") and config.tma.enabled:
+        batch["tma"] = mask
+    return batch
+

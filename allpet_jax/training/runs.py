@@ -1,0 +1,127 @@
+"""Run-level pieces shared by `train.py`, `sample.py` and `allpet_jax.evaluate`: a stage's config and
+compatibility record, its optimiser, and loading a trained stage back from its directory.
+
+A stage directory (`WORKDIR/<stage>`) holds Orbax checkpoints whose `config` item is the stage's
+resolved config and whose `meta` item records stage, task, geometry, model, the sinogram channels and
+the data normalisation; that is enough to rebuild the model without the training data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import ml_collections
+
+from allpet_jax.data import pipeline
+from allpet_jax.data.sources import geometry_to_dict
+from allpet_jax.training import checkpointing, stages
+from allpet_jax.training import step as train_step
+
+
+def stage_config(config, stage: str):
+    """The config as this stage trains it: the foundation model learns synthesis on RMAS triplets; the
+    other stages read the task's pairs, and the task stage adds TMA when `tma.enabled`."""
+    cfg = config.copy_and_resolve_references()
+    cfg.unlock()
+    if stage == "foundation":
+        cfg.data.task = "synthesis"
+    if cfg.data.cache_dir:  # one shard cache per task, so the stages can share a cache root
+        cfg.data.cache_dir = os.path.join(cfg.data.cache_dir, cfg.data.task)
+    cfg.masks.enabled = stage == "foundation"
+    cfg.tma.enabled = stage in ("task", "regressor") and config.tma.enabled  # TMA is a fine-tuning option
+    return cfg
+
+
+def stage_meta(cfg, stage: str) -> dict:
+    """What must match to resume a stage or build on it."""
+    return {
+        "stage": stage,
+        "task": cfg.data.task,
+        "geometry": geometry_to_dict(pipeline.geometry_from_config(cfg.data)),
+        "model": json.loads(cfg.model.to_json()),
+    }
+
+
+def load_state(directory: str, stage_obj, cfg, name: str, check_task: bool = True):
+    """The latest `TrainState` of stage `name` in `directory`, into `stage_obj`'s structure, after checking
+    that its geometry and model (and task, with `check_task`) match `cfg`."""
+    if not checkpointing.has_checkpoint(directory):
+        raise FileNotFoundError(
+            f"the {name} stage needs a checkpoint in {directory}; train it first "
+            f"(--config.train.stages={name},...) or point --config.train.{name}_dir at one"
+        )
+    manager = checkpointing.make_manager(directory, keep_best=0)
+    meta = checkpointing.read_meta(manager)
+    expected = stage_meta(stage_config(cfg, name), name)
+    keys = ("geometry", "model") + (("task",) if check_task else ())
+    checkpointing.check_compatible(meta, expected, keys, directory)
+    abstract = train_step.init_state(stage_obj.params, make_tx(cfg, name), cfg.seed, stage_obj.frozen)
+    state = checkpointing.restore_state_only(manager, manager.latest_step(), checkpointing.abstract(abstract))
+    manager.close()
+    return state, meta
+
+
+def make_tx(cfg, stage: str):
+    t = cfg.train
+    return train_step.make_optimizer(t.learning_rate, total_steps=int(t.steps[stage]), warmup_steps=t.warmup_steps,
+                                     weight_decay=t.weight_decay, clip_norm=t.clip_norm)
+
+
+
+
+@dataclasses.dataclass
+class TrainedStage:
+    """A trained stage loaded for inference: `generate(batch, key, ...)` uses the EMA parameters."""
+
+    name: str
+    config: ml_collections.ConfigDict  # the stage's resolved config, as trained
+    meta: dict
+    stage: stages.Stage
+    state: train_step.TrainState
+    step: int
+    directory: str
+
+    @property
+    def normalisation(self) -> pipeline.Normalisation:
+        return pipeline.Normalisation(**self.meta["normalisation"])
+
+    def generate(self, batch: dict, key, sampler: str | None = None, num_steps: int | None = None,
+                 eta: float | None = None):
+        if self.stage.generate is None:
+            raise ValueError(f"the {self.name} stage does not generate sinograms")
+        return self.stage.generate(self.state.ema, self.state.frozen, batch, key, sampler, num_steps, eta)
+
+
+def load_trained(directory: str, step: int | None = None) -> TrainedStage:
+    """The stage trained in `directory` (a `WORKDIR/<stage>` with checkpoints), at `step` (default latest).
+
+    Raises FileNotFoundError (with what to do) when there is no finished checkpoint there.
+    """
+    directory = os.path.abspath(directory)
+    if not checkpointing.has_checkpoint(directory):
+        raise FileNotFoundError(
+            f"no finished checkpoint in {directory} (expected {os.path.join(directory, 'checkpoints', '<step>')}); "
+            "train it with train.py, or pass the directory of a trained stage (WORKDIR/<stage>)"
+        )
+    manager = checkpointing.make_manager(directory, keep_best=0)
+    try:
+        step = manager.latest_step() if step is None else step
+        if step not in manager.all_steps():
+            raise FileNotFoundError(f"no checkpoint at step {step} in {directory}; steps there: {manager.all_steps()}")
+        config_json, meta = checkpointing.read_config_and_meta(manager, step)
+        cfg = ml_collections.ConfigDict(config_json)
+        name = meta["stage"]
+        ae = stages.autoencoder_stage(cfg, cfg.seed)
+        if name == "autoencoder":
+            stage_obj = ae
+        else:
+            channels = meta.get("channels", {"target": 1, "source": 1})
+            stage_obj = stages.diffusion_stage(name, cfg, ae.graphdef, ae.params, 1.0, channels["target"],
+                                               channels["source"], cfg.seed)
+        abstract = train_step.init_state(stage_obj.params, make_tx(cfg, name), cfg.seed, stage_obj.frozen)
+        state = checkpointing.restore_state_only(manager, step, checkpointing.abstract(abstract))
+    finally:
+        manager.close()
+    return TrainedStage(name, cfg, meta, stage_obj, state, int(step), directory)

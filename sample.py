@@ -1,0 +1,123 @@
+"""Run a trained ALL-PET model: sinograms, FBP/OSEM reconstructions, figures and (K > 1) uncertainty maps.
+
+    python sample.py --workdir workdir --task low_dose                         # the simulator's test split
+    python sample.py --workdir workdir --task low_dose --input scan.npz --source_variable source
+    python sample.py --workdir workdir --task synthesis --prompt tracer=FDG,region=brain --num_samples 4
+    python sample.py --checkpoint workdir/task --task low_dose --sampler ddim --steps 50 --num_samples 8 --mat
+
+The stage comes from `--checkpoint` (a stage directory) or `--workdir` (`foundation` for synthesis,
+`task` otherwise; `--stage regressor` for the regression baseline). Paired tasks read `--input` (any
+format of `allpet_jax.data.loaders`, checked against the checkpoint's geometry) or, by default,
+`--n` samples of the simulator's held-out test split (which also gives targets, so error maps are drawn).
+
+Writes to `--out` (default `WORKDIR/samples/<task>`): `outputs.npz` (`output` `(K, N, C, A, B)` in
+counts, `source`, `target`, FBP and OSEM images, and for K > 1 the per-pixel `mean` and `std` over the
+K samples, in sinogram and image space), `outputs.mat` with `--mat`, and PNG figures. Everything is
+written into a temporary directory that replaces `--out` only when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+from allpet_jax import plots, sampling
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", "", "training run directory (holds autoencoder/, foundation/, task/, ...)")
+flags.DEFINE_string("checkpoint", "", "a stage directory (WORKDIR/<stage>) instead of --workdir")
+flags.DEFINE_string("stage", "", "stage under --workdir: default foundation (synthesis) or task; 'regressor'")
+flags.DEFINE_string("task", "low_dose", "the task; must be the one the checkpoint was trained for")
+flags.DEFINE_string("input", "", "source sinogram file(s): .npy/.npz/.mat/NIfTI; default: the simulator's test split")
+flags.DEFINE_string("source_variable", "", "variable name inside .npz/.mat inputs (default: the only/'source' one)")
+flags.DEFINE_integer("n", 8, "number of simulated test samples (without --input) or synthesised sinograms")
+flags.DEFINE_string("out", "", "output directory (default WORKDIR/samples/<task>)")
+flags.DEFINE_bool("overwrite", False, "replace an existing --out")
+flags.DEFINE_string("sampler", "", "ddim, ddpm, ddbm or direct (default: the model's objective's first)")
+flags.DEFINE_integer("steps", 50, "sampler steps (DDIM/DDBM; DDPM always runs every training step)")
+flags.DEFINE_float("eta", None, "DDIM/DDBM stochasticity (default 0 for DDIM, 1 for DDBM)")
+flags.DEFINE_integer("n_angles", 0, "synthesis: output angles (default: the training geometry)")
+flags.DEFINE_integer("n_bins", 0, "synthesis: output radial bins (default: the training geometry)")
+flags.DEFINE_string("prompt", "", "synthesis prompt, e.g. tracer=FDG,region=brain")
+flags.DEFINE_string("roi", "", "JSON file of clinician ROIs for TMA (models trained with TMA)")
+flags.DEFINE_integer("num_samples", 1, "K samples per input; K > 1 also writes mean and std (uncertainty)")
+flags.DEFINE_integer("seed", 0, "sampling seed")
+flags.DEFINE_bool("mat", False, "also write outputs.mat")
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    if FLAGS.num_samples < 1 or FLAGS.n < 1 or FLAGS.steps < 1:
+        raise app.UsageError("--num_samples, --n and --steps must be >= 1")
+    trained = sampling.load_for_task(FLAGS.task, FLAGS.workdir, FLAGS.checkpoint, FLAGS.stage)
+    synthesis = FLAGS.task == "synthesis"
+    if (FLAGS.n_angles or FLAGS.n_bins) and not synthesis:
+        raise app.UsageError("--n_angles/--n_bins set the geometry of synthesis; paired tasks keep the input's")
+    geom = sampling.geometry_of(trained, FLAGS.n_angles, FLAGS.n_bins)
+
+    if synthesis:
+        inputs = sampling.synthesis_inputs(trained, FLAGS.n, sampling.parse_prompt(FLAGS.prompt), geom)
+    elif FLAGS.input:
+        inputs = sampling.file_inputs(trained, FLAGS.input, FLAGS.source_variable)
+    else:
+        inputs = sampling.simulated_inputs(trained, FLAGS.n)
+    batch = sampling.model_batch(trained, inputs, FLAGS.roi)
+
+    t0 = time.perf_counter()
+    outputs = sampling.generate(trained, batch, jax.random.key(FLAGS.seed), sampler=FLAGS.sampler or None,
+                                num_steps=FLAGS.steps, eta=FLAGS.eta, num_samples=FLAGS.num_samples)
+    wall = time.perf_counter() - t0
+    print(f"generated {outputs.shape[0]} x {outputs.shape[1]} sinograms {outputs.shape[2:]} in {wall:.1f} s "
+          f"(sampler {FLAGS.sampler or 'default'}, {FLAGS.steps} steps, compile included)", flush=True)
+
+    arrays = {"output": outputs, "prompt": batch["prompt"]}
+    if "source" in inputs:
+        arrays["source"] = np.asarray(inputs["source"], np.float32)
+    if "target" in inputs:
+        arrays["target"] = np.asarray(inputs["target"], np.float32)
+    shown = outputs.mean(axis=0) if FLAGS.num_samples > 1 else outputs[0]
+    recon = {name: sampling.reconstruct(arrays[name], geom) for name in ("source", "target") if name in arrays}
+    recon["output"] = sampling.reconstruct(outputs, geom)
+    for name, images in recon.items():
+        for method, image in images.items():
+            arrays[f"{name}_{method}"] = image
+    std = None
+    if FLAGS.num_samples > 1:
+        std = outputs.std(axis=0)
+        arrays.update(mean=shown, std=std, fbp_mean=recon["output"]["fbp"].mean(axis=0),
+                      fbp_std=recon["output"]["fbp"].std(axis=0), osem_mean=recon["output"]["osem"].mean(axis=0),
+                      osem_std=recon["output"]["osem"].std(axis=0))
+
+    def image_of(name, method):
+        images = recon[name][method]
+        return images.mean(axis=0) if name == "output" and FLAGS.num_samples > 1 else (
+            images[0] if name == "output" else images)
+
+    title = f"{FLAGS.task}, {trained.name} step {trained.step}"
+    figures = [("sinograms.png", lambda p: plots.comparison_figure(
+        p, plots.task_rows(arrays.get("source"), shown, arrays.get("target"), std), title + ": sinograms"))]
+    for method in ("fbp", "osem"):
+        image_std = arrays.get(f"{method}_std")
+        figures.append((f"{method}.png", lambda p, m=method, s=image_std: plots.comparison_figure(
+            p, plots.task_rows(image_of("source", m) if "source" in recon else None, image_of("output", m),
+                               image_of("target", m) if "target" in recon else None, s),
+            f"{title}: {m.upper()}")))
+    out = FLAGS.out or os.path.join(FLAGS.workdir or os.path.dirname(os.path.abspath(trained.directory)), "samples",
+                                    FLAGS.task)
+    path = sampling.write_outputs(out, arrays, mat=FLAGS.mat, figures=figures, overwrite=FLAGS.overwrite)
+    print(f"wrote {path}: outputs.npz{' + outputs.mat' if FLAGS.mat else ''}, "
+          + ", ".join(name for name, _ in figures), flush=True)
+
+
+if __name__ == "__main__":
+    try:
+        app.run(main)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: one clear line, exit 2
+        print(f"sample.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
