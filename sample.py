@@ -4,6 +4,7 @@
     python sample.py --workdir workdir --task low_dose --input scan.npz --source_variable source
     python sample.py --workdir workdir --task synthesis --prompt tracer=FDG,region=brain --num_samples 4
     python sample.py --checkpoint workdir/task --task low_dose --sampler ddim --steps 50 --num_samples 8 --mat
+    python sample.py --workdir workdir --task low_dose --guidance 0.1      # Poisson data consistency
 
 The stage comes from `--checkpoint` (a stage directory) or `--workdir` (`foundation` for synthesis,
 `task` otherwise; `--stage regressor` for the regression baseline). Paired tasks read `--input` (any
@@ -48,6 +49,8 @@ flags.DEFINE_string("roi", "", "JSON file of clinician ROIs for TMA (models trai
 flags.DEFINE_integer("num_samples", 1, "K samples per input; K > 1 also writes mean and std (uncertainty)")
 flags.DEFINE_integer("seed", 0, "sampling seed")
 flags.DEFINE_bool("mat", False, "also write outputs.mat")
+flags.DEFINE_float("guidance", 0.0, "low_dose: Poisson data-consistency step during DDIM (0 = off; try 0.05-0.2)")
+flags.DEFINE_float("dose", 0.0, "low_dose with --input and --guidance: the source's dose fraction")
 
 
 def main(argv):
@@ -68,10 +71,13 @@ def main(argv):
     else:
         inputs = sampling.simulated_inputs(trained, FLAGS.n)
     batch = sampling.model_batch(trained, inputs, FLAGS.roi)
+    if FLAGS.guidance:
+        batch = sampling.add_poisson_data(trained, batch, inputs, FLAGS.dose or None)
 
     t0 = time.perf_counter()
     outputs = sampling.generate(trained, batch, jax.random.key(FLAGS.seed), sampler=FLAGS.sampler or None,
-                                num_steps=FLAGS.steps, eta=FLAGS.eta, num_samples=FLAGS.num_samples)
+                                num_steps=FLAGS.steps, eta=FLAGS.eta, num_samples=FLAGS.num_samples,
+                                guidance=FLAGS.guidance)
     wall = time.perf_counter() - t0
     print(f"generated {outputs.shape[0]} x {outputs.shape[1]} sinograms {outputs.shape[2:]} in {wall:.1f} s "
           f"(sampler {FLAGS.sampler or 'default'}, {FLAGS.steps} steps, compile included)", flush=True)

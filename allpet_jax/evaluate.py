@@ -14,7 +14,8 @@ source_scale`, which is how the model sees it):
   whose width maximised image PSNR on the validation split (image-space only);
 - `regressor`: the deterministic U-Net of `WORKDIR/regressor`, trained on the same pairs (if trained);
 - `ALL-PET (<sampler>)`: the task model, sampled `--num_samples` times (metrics of the first sample
-  and, for K > 1, of the mean);
+  and, for K > 1, of the mean); with `--guidance` also with the Poisson data-consistency step
+  (`diffusion/physics_guidance.py`, low_dose) at each listed scale;
 - `target (reference)`: the full-dose target itself, scored in image space against the truth.
 
 Sinogram space: PSNR, SSIM, NRMSE against the target. Image space: FBP and OSEM of each sinogram,
@@ -120,7 +121,8 @@ def markdown(summary: dict, columns) -> str:
     return "\n".join(lines)
 
 
-def evaluate_paired(trained, workdir: str, n: int, sampler, steps: int, num_samples: int, seed: int) -> dict:
+def evaluate_paired(trained, workdir: str, n: int, sampler, steps: int, num_samples: int, seed: int,
+                    guidance=()) -> dict:
     geom = sampling.geometry_of(trained)
     test = sampling.simulated_inputs(trained, n)
     val = sampling.simulated_inputs(trained, min(n, sampling.pipeline.split_size(trained.config.data, "val")), "val")
@@ -139,19 +141,21 @@ def evaluate_paired(trained, workdir: str, n: int, sampler, steps: int, num_samp
     filtered = {m: gaussian(img, sigmas[m]) for m, img in source_images.items()}
     rows["FBP/OSEM + Gaussian (val-tuned)"] = score_images(filtered, test)
 
-    models = [("ALL-PET", trained)]
+    models = [("ALL-PET", trained, 0.0)] + [(f"ALL-PET + Poisson guidance {g:g}", trained, g) for g in guidance]
     regressor_dir = os.path.join(workdir, "regressor") if workdir else ""
     if regressor_dir and checkpointing.has_checkpoint(regressor_dir):
-        models.insert(0, ("U-Net regressor", runs.load_trained(regressor_dir)))
+        models.insert(0, ("U-Net regressor", runs.load_trained(regressor_dir), 0.0))
     else:
         logging.warning("no regressor in %s: its row is left out (train.py --config.train.stages=regressor)",
                         regressor_dir)
-    for name, model in models:
+    for name, model, g in models:
         k = 1 if model.name == "regressor" else num_samples
         batch = sampling.model_batch(model, test)
+        if g:
+            batch = sampling.add_poisson_data(model, batch, test)
         t0 = time.perf_counter()
         out = sampling.generate(model, batch, jax.random.key(seed), sampler=None if model.name == "regressor" else sampler,
-                                num_steps=steps, num_samples=k)
+                                num_steps=steps, num_samples=k, guidance=g)
         timings[name] = time.perf_counter() - t0
         label = name if model.name == "regressor" else f"{name} ({sampler or 'ddim'} {steps})"
         rows[label] = {**score_sinograms(out[0], target), **score_images(image_space(out[0], test, geom), test)}
@@ -195,6 +199,7 @@ flags.DEFINE_integer("steps", 50, "sampler steps")
 flags.DEFINE_integer("num_samples", 1, "samples per input (K > 1 adds the mean of K as a row)")
 flags.DEFINE_integer("seed", 0, "sampling seed")
 flags.DEFINE_string("out", "", "where results.md and results.json go (default WORKDIR/eval/<task>)")
+flags.DEFINE_list("guidance", [], "low_dose: Poisson guidance scales to add as rows, e.g. 0.05,0.1,0.2")
 
 
 def main(argv):
@@ -208,7 +213,7 @@ def main(argv):
         columns = SYNTHESIS_COLUMNS
     else:
         result = evaluate_paired(trained, FLAGS.workdir, n, FLAGS.sampler or None, FLAGS.steps, FLAGS.num_samples,
-                                 FLAGS.seed)
+                                 FLAGS.seed, guidance=[float(g) for g in FLAGS.guidance])
         columns = COLUMNS
     summary = summarise(result.pop("rows"))
     table = markdown(summary, columns)

@@ -155,17 +155,34 @@ def model_batch(trained: runs.TrainedStage, inputs: dict, roi_file: str = "") ->
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_generate(stage_generate, sampler, num_steps, eta):
-    return jax.jit(lambda p, fz, b, k: stage_generate(p, fz, b, k, sampler, num_steps, eta))
+def _compiled_generate(stage_generate, sampler, num_steps, eta, guidance):
+    return jax.jit(lambda p, fz, b, k: stage_generate(p, fz, b, k, sampler, num_steps, eta, guidance))
+
+
+def add_poisson_data(trained: runs.TrainedStage, batch: dict, inputs: dict, dose=None) -> dict:
+    """`batch` plus what the Poisson guidance reads: the measured low-dose counts `dose * source` (the
+    simulator's low-dose source is dose-normalised; clipped at 0) and counts per model unit
+    `dose * target_scale`. `dose`: per-sample fractions, default the inputs' `dose` field."""
+    if trained.meta["task"] != "low_dose":
+        raise ValueError(f"Poisson guidance is for low_dose, whose source measures the target at a lower dose; "
+                         f"the checkpoint's task is {trained.meta['task']!r}")
+    dose = inputs.get("dose") if dose is None else dose
+    if dose is None:
+        raise ValueError("Poisson guidance needs the dose fraction of each input (--dose for files)")
+    n = batch["prompt"].shape[0]
+    dose = np.broadcast_to(np.asarray(dose, np.float32).reshape(-1), (n,)).reshape(n, 1, 1, 1)
+    counts = np.maximum(np.asarray(inputs["source"], np.float32), 0.0) * dose
+    scale = dose * np.float32(trained.normalisation.target_scale)
+    return dict(batch, guide_counts=counts.astype(np.float32), guide_scale=scale.astype(np.float32))
 
 
 def generate(trained: runs.TrainedStage, batch: dict, key, *, sampler: str | None = None, num_steps: int | None = None,
-             eta: float | None = None, num_samples: int = 1, chunk: int = 0) -> np.ndarray:
+             eta: float | None = None, num_samples: int = 1, chunk: int = 0, guidance: float = 0.0) -> np.ndarray:
     """`(num_samples, N, C, A, B)` sinograms in counts. Sample `k` of the chunk starting at input `lo`
     uses `fold_in(fold_in(key, k), lo)`: the same key, inputs and `chunk` reproduce the same samples."""
     n = batch["prompt"].shape[0]
     chunk = chunk or int(trained.config.data.batch_size)
-    fn = _compiled_generate(trained.stage.generate, sampler, num_steps, eta)
+    fn = _compiled_generate(trained.stage.generate, sampler, num_steps, eta, guidance)
     outs = []
     for k in range(num_samples):
         parts = []

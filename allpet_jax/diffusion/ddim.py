@@ -9,6 +9,10 @@ which keeps every marginal `q(x_s | x_0)` of the forward process for any `eta` i
 the deterministic sampler (the probability-flow ODE discretised), `eta = 1` with all `T` steps is
 ancestral DDPM with the posterior variance. `ab_{-1} = 1`: the last step returns `x0_hat`.
 
+Data consistency: an optional `guide(guide_params, x0_hat, t) -> x0_hat` corrects the clean estimate at
+every step before the update (e.g. a likelihood step towards the measured data, `physics_guidance.py`),
+and `eps_hat` is recomputed from the corrected estimate, as after clipping.
+
 The denoiser contract is the one of `ddpm.py`: `denoise_fn(params, x_t, t)` with integer steps.
 """
 
@@ -35,7 +39,8 @@ def ddim_timesteps(num_train_steps: int, num_steps: int) -> np.ndarray:
     return steps[::-1].copy()
 
 
-@functools.partial(jax.jit, static_argnames=("denoise_fn", "shape", "num_steps", "parameterization", "clip_x0"))
+@functools.partial(jax.jit,
+                   static_argnames=("denoise_fn", "shape", "num_steps", "parameterization", "clip_x0", "guide"))
 def ddim_sample(
     denoise_fn,
     params,
@@ -48,6 +53,8 @@ def ddim_sample(
     x_T=None,
     parameterization: str = "eps",
     clip_x0: float | None = None,
+    guide=None,
+    guide_params=None,
 ):
     """Draw `shape` `(B, ...)` samples in `num_steps` DDIM steps.
 
@@ -55,6 +62,8 @@ def ddim_sample(
       eta: stochasticity in [0, 1] (traced: changing it does not recompile).
       x_T: optional start noise of `shape`; drawn from `key` when omitted. With `eta = 0` the result
         is a deterministic function of `x_T`.
+      guide, guide_params: optional data-consistency correction `guide(guide_params, x0_hat, t)` (static
+        function, traced parameters), applied after clipping.
     Returns:
       `x_0` of `shape`, float32.
     """
@@ -69,6 +78,9 @@ def ddim_sample(
         x0, eps = schedules.to_x0_eps(schedule, parameterization, denoise_fn(params, x, tt), x, tt)
         if clip_x0 is not None:
             x0 = jnp.clip(x0, -clip_x0, clip_x0)
+        if guide is not None:
+            x0 = guide(guide_params, x0, tt)
+        if clip_x0 is not None or guide is not None:
             eps = schedules.eps_from_x0(schedule, x, tt, x0)
         ab_t = schedule.alpha_bar[t]
         ab_s = jnp.where(s >= 0, schedule.alpha_bar[jnp.maximum(s, 0)], 1.0)

@@ -88,10 +88,10 @@ class TrainedStage:
         return pipeline.Normalisation(**self.meta["normalisation"])
 
     def generate(self, batch: dict, key, sampler: str | None = None, num_steps: int | None = None,
-                 eta: float | None = None):
+                 eta: float | None = None, guidance: float = 0.0):
         if self.stage.generate is None:
             raise ValueError(f"the {self.name} stage does not generate sinograms")
-        return self.stage.generate(self.state.ema, self.state.frozen, batch, key, sampler, num_steps, eta)
+        return self.stage.generate(self.state.ema, self.state.frozen, batch, key, sampler, num_steps, eta, guidance)
 
 
 def load_trained(directory: str, step: int | None = None) -> TrainedStage:

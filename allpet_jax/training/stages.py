@@ -37,7 +37,7 @@ from allpet_jax import losses
 from allpet_jax.data.kinetics import TRACERS
 from allpet_jax.data.phantoms import REGIONS
 from allpet_jax.data.simulate import TASKS
-from allpet_jax.diffusion import ddbm, ddim, ddpm, schedules
+from allpet_jax.diffusion import ddbm, ddim, ddpm, physics_guidance, schedules
 from allpet_jax.diffusion.model_function import NNXDenoiser
 from allpet_jax.models.autoencoder import SinogramAutoencoder
 from allpet_jax.models.unet import LatentUNet, Prompt
@@ -344,9 +344,13 @@ def diffusion_stage(name: str, config, ae_graphdef, ae_params, latent_scale: flo
                                           sino=batch["full"], consistency_weight=consistency_weight)
 
     def generate(p, frozen, batch, key, sampler: str | None = None, num_steps: int | None = None,
-                 eta: float | None = None):
+                 eta: float | None = None, guidance: float = 0.0):
         """Sinograms `(B, C, n_angles, n_bins)` for `batch` (its `target` gives only the geometry and batch
-        size; paired tasks read `source`). `sampler` defaults to the objective's first in `SAMPLERS`."""
+        size; paired tasks read `source`). `sampler` defaults to the objective's first in `SAMPLERS`.
+
+        `guidance > 0` (DDIM on a `diffusion` task model) adds the Poisson data-consistency step of
+        `physics_guidance.py`; the batch must then carry `guide_counts` (measured low-dose counts
+        `(B, C, A, Bn)`) and `guide_scale` (`(B, 1, 1, 1)` counts per model unit)."""
         sampler = sampler or SAMPLERS[objective if paired else "diffusion"][0]
         allowed = SAMPLERS[objective if paired else "diffusion"]
         if sampler not in allowed:
@@ -367,8 +371,18 @@ def diffusion_stage(name: str, config, ae_graphdef, ae_params, latent_scale: flo
             latent = ddpm.ddpm_sample(NNXDenoiser(graphdef), (p, kwargs), key, schedule, shape,
                                       parameterization=param, clip_x0=clip_x0)
         else:
+            guide, data = None, None
+            if guidance:
+                if objective != "diffusion" or "guide_counts" not in batch:
+                    raise ValueError("Poisson guidance needs a paired diffusion task model and measured counts "
+                                     "(guide_counts, guide_scale) in the batch")
+                guide = physics_guidance.make_poisson_guide(lambda x0: dec(frozen, from_model(frozen, batch, x0)),
+                                                            schedule)
+                data = physics_guidance.PoissonData(batch["guide_counts"], batch["guide_scale"],
+                                                    jnp.asarray(guidance, jnp.float32))
             latent = ddim.ddim_sample(NNXDenoiser(graphdef), (p, kwargs), key, schedule, shape, num_steps=steps,
-                                      eta=eta or 0.0, parameterization=param, clip_x0=clip_x0)
+                                      eta=eta or 0.0, parameterization=param, clip_x0=clip_x0, guide=guide,
+                                      guide_params=data)
         return dec(frozen, from_model(frozen, batch, latent) if paired else latent)
 
     def evaluate(p, frozen, batch, key):
