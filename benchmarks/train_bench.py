@@ -10,7 +10,8 @@ over a mesh of `n` devices with `jax.shard_map` exactly as `train.py` does, and 
 
 - `MiB/device`: XLA's memory analysis of the compiled step per device (arguments + outputs +
   temporaries), the number `--config.train.memory_budget_gb` is checked against;
-- `micro for 8 GiB`: the micro-batch split `memory.choose_micro_batch` picks for an 8 GiB budget;
+- `micro for 8 GiB`: the split (micro-batch x count) `memory.choose_micro_batch` picks for an 8 GiB
+  budget, and its memory per device;
 - `samples/s`: global batch / median step time over `--steps` steps after one warm-up step.
 
 Several devices are host CPU devices (`--xla_force_host_platform_device_count`) sharing the same cores,
@@ -58,10 +59,14 @@ def bench(preset: str, stage: str, n_dev: int, steps: int, timed: bool) -> dict:
     example = stages.random_batch(cfg, stage, batch_size)
     spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=S.batch_sharding(mesh)), example)
 
+    compiled_by_split = {}
+
     def compile_step(n_micro):
-        step = S.data_parallel_step(mesh, loss_fn=stage_obj.loss_fn, tx=tx, n_micro=n_micro,
-                                    ema_decay=cfg.train.ema_decay)
-        return step.lower(state, spec).compile()
+        if n_micro not in compiled_by_split:
+            step = S.data_parallel_step(mesh, loss_fn=stage_obj.loss_fn, tx=tx, n_micro=n_micro,
+                                        ema_decay=cfg.train.ema_decay)
+            compiled_by_split[n_micro] = step.lower(state, spec).compile()
+        return compiled_by_split[n_micro]
 
     t0 = time.perf_counter()
     compiled = compile_step(1)
@@ -69,7 +74,7 @@ def bench(preset: str, stage: str, n_dev: int, steps: int, timed: bool) -> dict:
     whole = memory.estimate(compiled, batch_size // n_dev, 1)
     try:
         n_micro, fit = memory.choose_micro_batch(compile_step, batch_size // n_dev, BUDGET_GIB)
-        fits = f"{fit.micro_batch} x {n_micro}"
+        fits = f"{fit.micro_batch} x {n_micro}: {fit.total_bytes / 2**20:.0f} MiB"
     except ValueError:
         fits = "does not fit"
     row = {"preset": preset, "stage": stage, "devices": n_dev, "batch": batch_size,

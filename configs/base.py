@@ -78,7 +78,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # sample i = (base sinogram i // K, mask seed i % K)) and every batch gets image_mask, sino_mask, n_cells,
     # positive, negative and full (pipeline.rmas_hook). Val/test keep their length (mask seed 0).
     config.masks = masks = ml_collections.ConfigDict()
-    masks.enabled = False  # the foundation (synthesis) stage turns it on
+    masks.enabled = False  # set per stage by train.py: on for the foundation stage when masks.rmas
+    masks.rmas = True  # foundation on RMAS/DMM triplets; False = plain synthesis pretraining (the ablation)
     masks.device = "cpu"  # where the mask step runs ('' = JAX's default device)
     masks.grid = 8  # G: cells per side of the grid over the field of view
     masks.count = "uniform"  # k cells: 'fixed' (n_cells), 'uniform' (1..max_cells), 'poisson' (mean_cells, clipped to [1, G*G])

@@ -117,6 +117,13 @@ def test_evaluate_scores_every_method(smoke_run, tmp_path):
     assert "sino_psnr" not in rows["target (reference)"]  # the reference is scored in image space only
     assert "| identity |" in open(tmp_path / "results.md").read()
 
+    _run("allpet_jax.evaluate", "--workdir", workdir, "--task", "synthesis", "--n", 4, "--steps", 3,
+         "--out", tmp_path / "synthesis")
+    rows = json.load(open(tmp_path / "synthesis" / "results.json"))["summary"]
+    real = rows["validation sinograms (real, reference)"]
+    assert set(rows) == {"ALL-PET (ddim 3)", "validation sinograms (real, reference)"}
+    assert 0 <= real["range_residual"]["mean"] < rows["ALL-PET (ddim 3)"]["range_residual"]["mean"]
+
 
 @pytest.mark.slow
 def test_bad_input_is_refused_and_nothing_is_written(smoke_run, tmp_path):

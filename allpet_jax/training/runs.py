@@ -29,7 +29,7 @@ def stage_config(config, stage: str):
         cfg.data.task = "synthesis"
     if cfg.data.cache_dir:  # one shard cache per task, so the stages can share a cache root
         cfg.data.cache_dir = os.path.join(cfg.data.cache_dir, cfg.data.task)
-    cfg.masks.enabled = stage == "foundation"
+    cfg.masks.enabled = stage == "foundation" and bool(config.masks.get("rmas", True))
     cfg.tma.enabled = stage in ("task", "regressor") and config.tma.enabled  # TMA is a fine-tuning option
     return cfg
 

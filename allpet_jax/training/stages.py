@@ -309,8 +309,12 @@ def diffusion_stage(name: str, config, ae_graphdef, ae_params, latent_scale: flo
         prompt = drop_prompt(prompt_of(batch, sino_shape), drop, null_ids)
         x0 = enc(frozen, batch["target"])
         latent_hw = x0.shape[1:3]
-        if not paired:
+        if not paired and "sino_mask" in batch:
             return _rmas_loss(unet, frozen, batch, prompt, noise_keys, latent_hw)
+        if not paired:  # synthesis pretraining without RMAS (masks.rmas = False): full sinograms only
+            cond = condition(frozen, batch, latent_hw)
+            return losses.diffusion_loss(lambda x_t, t: unet(x_t, t, prompt=prompt, cond=cond), noise_keys,
+                                         schedule, x0, parameterization=param)
         cond = condition(frozen, batch, latent_hw)
         weight = losses.tma_latent_weight(batch["tma"], latent_hw, tma_alpha) if tma_alpha and "tma" in batch else None
 
