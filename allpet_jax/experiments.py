@@ -28,9 +28,15 @@ class Run:
     summary: dict  # evaluate's summary: {method: {metric: {"mean", "std", "n"}}}, {} when not evaluated
 
 
+CACHE_DIR = os.environ.get("ALLPET_XLA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "allpet_jax", "xla"))
+"""JAX's persistent compilation cache for the runs: arms of an experiment compile the same simulator and
+models, so every process after the first loads them from disk instead of compiling again."""
+
+
 def _call(cmd: list, log_path: str) -> None:
     env = dict(os.environ)
     env.setdefault("JAX_PLATFORMS", "cpu")
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", CACHE_DIR)
     with open(log_path, "a") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
