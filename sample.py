@@ -44,7 +44,8 @@ flags.DEFINE_integer("steps", 50, "sampler steps (DDIM/DDBM; DDPM always runs ev
 flags.DEFINE_float("eta", None, "DDIM/DDBM stochasticity (default 0 for DDIM, 1 for DDBM)")
 flags.DEFINE_integer("n_angles", 0, "synthesis: output angles (default: the training geometry)")
 flags.DEFINE_integer("n_bins", 0, "synthesis: output radial bins (default: the training geometry)")
-flags.DEFINE_string("prompt", "", "synthesis prompt, e.g. tracer=FDG,region=brain")
+flags.DEFINE_string("prompt", "", "tracer and region, e.g. tracer=FDG,region=brain (synthesis, and --input files; "
+                                   "unset = the unconditional prompt)")
 flags.DEFINE_string("roi", "", "JSON file of clinician ROIs for TMA (models trained with TMA)")
 flags.DEFINE_integer("num_samples", 1, "K samples per input; K > 1 also writes mean and std (uncertainty)")
 flags.DEFINE_integer("seed", 0, "sampling seed")
@@ -67,7 +68,7 @@ def main(argv):
     if synthesis:
         inputs = sampling.synthesis_inputs(trained, FLAGS.n, sampling.parse_prompt(FLAGS.prompt), geom)
     elif FLAGS.input:
-        inputs = sampling.file_inputs(trained, FLAGS.input, FLAGS.source_variable)
+        inputs = sampling.file_inputs(trained, FLAGS.input, FLAGS.source_variable, FLAGS.prompt)
     else:
         inputs = sampling.simulated_inputs(trained, FLAGS.n)
     batch = sampling.model_batch(trained, inputs, FLAGS.roi)

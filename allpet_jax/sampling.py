@@ -77,7 +77,7 @@ def simulated_inputs(trained: runs.TrainedStage, n: int, split: str = "test", st
     return {k: np.asarray(v) for k, v in source.read_batch(list(range(start, start + n))).items()}
 
 
-def file_inputs(trained: runs.TrainedStage, path: str, variable: str = "") -> dict:
+def file_inputs(trained: runs.TrainedStage, path: str, variable: str = "", prompt: str = "") -> dict:
     """Source sinograms from a file (any loader format) checked against the checkpoint's geometry: one
     sinogram `(C, A, B)` / `(A, B)` or a stack `(N, C, A, B)` (a NIfTI image is forward-projected);
     finite; non-negative unless the run was trained with `data.allow_negative`."""
@@ -93,15 +93,18 @@ def file_inputs(trained: runs.TrainedStage, path: str, variable: str = "") -> di
     if source.shape[1] != channels:
         raise loaders.DataFileError(path, f"source sinogram has {source.shape[1]} channel(s); the {trained.meta['task']} "
                                           f"model expects {channels}")
-    n = source.shape[0]
-    prompt = np.tile(np.array([[0, 0, TASKS.index(trained.meta["task"])]], np.int32), (n, 1))
-    return {"source": source, "prompt": prompt}
+    ids = parse_prompt(prompt, trained.meta["task"])
+    return {"source": source, "prompt": np.tile(ids[None], (source.shape[0], 1))}
 
 
 def parse_prompt(text: str, task: str = "synthesis") -> np.ndarray:
     """`"tracer=FDG,region=brain"` -> ids `[tracer, region, task]`. Tracer names match `TRACERS` by full
-    name or by the part after the isotope (`FDG` = `18F-FDG`), case-insensitively."""
-    ids = {"tracer": 0, "region": 0}
+    name or by the part after the isotope (`FDG` = `18F-FDG`), case-insensitively. An empty `text` is
+    the unconditional prompt (every id null, as the model saw it with classifier-free dropping); a key
+    left out is null (`len(TRACERS)`, `len(REGIONS)`: the U-Net's null rows)."""
+    if not text.strip():
+        return np.array([len(TRACERS), len(REGIONS), len(TASKS)], np.int32)
+    ids = {"tracer": len(TRACERS), "region": len(REGIONS)}
     for item in filter(None, (p.strip() for p in text.split(","))):
         if "=" not in item:
             raise ValueError(f"--prompt items are key=value (tracer=..., region=...); got {item!r}")
