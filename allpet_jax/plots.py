@@ -20,11 +20,12 @@ def _plt():
     return plt
 
 
-def _save(fig, path: str) -> str:
+def save_figure(fig, path: str, dpi: int = 80) -> str:
+    """Write `fig` to `path` atomically (temporary file, then rename), close it, return `path`."""
     plt = _plt()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=80)
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
     os.replace(tmp, path)
     return path
@@ -57,7 +58,7 @@ def comparison_figure(path: str, rows: list, title: str = "", max_columns: int =
         fig.colorbar(im, ax=axes[r, n - 1], fraction=0.046, pad=0.04)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def task_rows(source, output, target=None, std=None, channel: int = 0) -> list:

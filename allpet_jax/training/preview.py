@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
+
+from allpet_jax.plots import save_figure
 
 
 def save_grid(rows, path: str, title: str = "", max_columns: int = 6) -> str:
@@ -29,9 +29,4 @@ def save_grid(rows, path: str, title: str = "", max_columns: int = 6) -> str:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=72)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=72)
