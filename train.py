@@ -127,7 +127,9 @@ def run_stage(config, stage: str, workdir: str) -> dict:
     start = 0
     if manager.latest_step() is not None:
         found = checkpointing.read_meta(manager)
-        checkpointing.check_compatible(found, meta, ("stage", "task", "geometry", "model"), workdir)
+        # "recipe" only where the checkpoint records one (checkpoints written before it was added resume)
+        keys = ("stage", "task", "geometry", "model") + (("recipe",) if "recipe" in found else ())
+        checkpointing.check_compatible(found, meta, keys, workdir)
         state, _ = checkpointing.restore(manager, manager.latest_step(), checkpointing.abstract(state), train_iter)
         start = int(state.step)
         print(f"[{stage}] resumed from step {start}", flush=True)
@@ -233,4 +235,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    try:
+        app.run(main)
+    except (checkpointing.CheckpointMismatchError, FileNotFoundError) as e:
+        print(f"train: error: {e}", file=sys.stderr)
+        sys.exit(2)

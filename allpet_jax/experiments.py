@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -92,3 +93,120 @@ def seed_table(runs_by_arm: dict, metrics, method_prefix: str = "ALL-PET") -> st
         deltas = [f"{means[arm][m] - means[arms[0]][m]:+.3f}" for m in metrics]
         lines.append(f"| {arm} | {len(runs_by_arm[arm])} | " + " | ".join(cells + deltas) + " |")
     return "\n".join(lines)
+
+
+def write_results(path: str, title: str, table: str, runs_by_arm: dict, preset: str, overrides=()) -> None:
+    """Write `table` as Markdown to `path` (atomically), with what a reader needs to reproduce it: the
+    preset and overrides, the machine, each run's wall time and the commands of the first run per arm."""
+    walls = [r.wall_s for runs in runs_by_arm.values() for r in runs]
+    lines = [f"## {title}", "", table, "",
+             f"- preset `{preset}`, overrides `{' '.join(overrides) or '(none)'}`",
+             f"- machine: {machine()}",
+             f"- {len(walls)} runs, wall time {sum(walls) / 60:.1f} min in total "
+             f"(median {np.median(walls) if walls else 0:.0f} s per run, training and evaluation)", "",
+             "Commands (first seed of each arm; other seeds differ in `--config.seed` and the workdir):", ""]
+    for arm, runs in runs_by_arm.items():
+        if runs:
+            lines.append(f"- {arm}:")
+            lines += [f"  - `{' '.join(_relative(c))}`" for c in runs[0].commands]
+    tmp = path + ".tmp"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(tmp, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+
+
+def machine() -> str:
+    """This machine in one line: CPU model, cores, OS, Python."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}, Python {platform.python_version()}"
+
+
+def _relative(cmd: list) -> list:
+    """A command as a user would type it: `python` for this interpreter, paths inside the repository
+    relative to it."""
+    out = []
+    for part in cmd:
+        part = "python" if part == sys.executable else part
+        out.append(part.replace(ROOT + os.sep, ""))
+    return out
+
+
+PAIRED_TASKS = ("low_dose", "attenuation_correction", "delayed_frame", "tracer_conversion", "tracer_separation")
+
+
+def _row(summary: dict, prefix: str, name: str) -> str:
+    try:
+        return f"{metric(Run('', [], 0.0, summary), prefix, name):.2f}"
+    except KeyError:
+        return "-"
+
+
+def task_table(runs_by_task: dict) -> str:
+    """Markdown: per task, sinogram and OSEM-image PSNR of the baselines and of the model (means over the
+    test samples; each task's full table with spreads is in its eval/results.md)."""
+    cols = [("identity", "sino_psnr"), ("U-Net regressor", "sino_psnr"), ("ALL-PET (", "sino_psnr"),
+            ("ALL-PET", "sino_psnr", "mean of"),
+            ("FBP/OSEM + Gaussian", "osem_psnr"), ("U-Net regressor", "osem_psnr"), ("ALL-PET (", "osem_psnr"),
+            ("ALL-PET", "osem_psnr", "mean of"), ("target", "osem_psnr")]
+    header = ["task", "sino: identity", "sino: regressor", "sino: ALL-PET", "sino: ALL-PET mean", "OSEM: source + Gaussian",
+              "OSEM: regressor", "OSEM: ALL-PET", "OSEM: ALL-PET mean", "OSEM: target"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for task, run_ in runs_by_task.items():
+        cells = []
+        for col in cols:
+            summary = run_.summary
+            if len(col) == 3:  # the "mean of K" row of the model without guidance
+                summary = {k: v for k, v in summary.items() if col[2] in k and "guidance" not in k}
+            elif col[0] == "ALL-PET (":
+                summary = {k: v for k, v in summary.items() if "mean of" not in k}
+            cells.append(_row(summary, col[0], col[1]))
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_tasks(runs_dir: str, preset: str, tasks=PAIRED_TASKS, overrides=(), eval_args=("--steps", "20", "--num_samples", "4")):
+    """The per-task comparison: train every stage on the first task, then only the task model and the
+    regressor for each other task on the same autoencoder and foundation model; score all on the test split."""
+    first, others = tasks[0], tasks[1:]
+    base = os.path.join(runs_dir, first)
+    out = {first: run(base, preset, list(overrides), task=first, eval_args=eval_args)}
+    _call([sys.executable, "-m", "allpet_jax.evaluate", "--workdir", base, "--task", "synthesis",
+           "--out", os.path.join(runs_dir, "synthesis"), "--steps", "50"], os.path.join(base, "run.log"))
+    for task in others:
+        out[task] = run(os.path.join(runs_dir, task), preset,
+                        ["--config.train.stages=task,regressor", f"--config.train.autoencoder_dir={base}/autoencoder",
+                         f"--config.train.foundation_dir={base}/foundation", *overrides], task=task, eval_args=eval_args)
+        print(f"{task}: {out[task].wall_s:.0f} s", flush=True)
+    return out
+
+
+def main(argv=None) -> None:
+    import argparse
+    p = argparse.ArgumentParser(description="Per-task table: python -m allpet_jax.experiments --preset cpu "
+                                            "--runs notebook_runs/tasks_cpu")
+    p.add_argument("--preset", default="cpu")
+    p.add_argument("--runs", required=True, help="directory for the runs and results.md")
+    p.add_argument("--tasks", default=",".join(PAIRED_TASKS), help="comma-separated; the first trains every stage")
+    p.add_argument("--overrides", default="", help="extra train.py flags for every run, space-separated")
+    args = p.parse_args(argv)
+    tasks = tuple(t for t in args.tasks.split(",") if t)
+    unknown = [t for t in tasks if t not in PAIRED_TASKS]
+    if unknown or not tasks:
+        p.error(f"--tasks must be a non-empty subset of {PAIRED_TASKS}; got {args.tasks!r}")
+    runs_by_task = run_tasks(os.path.abspath(args.runs), args.preset, tasks, args.overrides.split())
+    table = task_table(runs_by_task)
+    print(table)
+    with open(os.path.join(args.runs, "synthesis", "results.md")) as f:
+        table += "\n\nSynthesis (the foundation model, prompts of the test split):\n\n" + f.read()
+    write_results(os.path.join(args.runs, "results.md"), "Tasks", table, {t: [r] for t, r in runs_by_task.items()},
+                  args.preset, args.overrides.split())
+
+
+if __name__ == "__main__":
+    main()

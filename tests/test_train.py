@@ -170,3 +170,12 @@ def test_sigkill_then_resume_reaches_the_same_parameters(tmp_path):
     assert reference.keys() == resumed.keys()
     for name in reference:
         np.testing.assert_allclose(resumed[name], reference[name], rtol=1e-6, atol=1e-7, err_msg=name)
+
+    # Resuming under another recipe (here the seed) would mix two runs: refused, checkpoint untouched.
+    other = _train(tmp_path / "killed", cache, *args, "--config.seed=1", wait=False)
+    text = other.communicate(timeout=900)[0]
+    assert other.returncode == 2, text[-3000:]
+    assert "train: error:" in text and "recipe" in text and "'seed': 0" in text, text[-3000:]
+    after = _params_at(tmp_path / "killed", 8)
+    for name in reference:
+        np.testing.assert_array_equal(after[name], resumed[name], err_msg=name)

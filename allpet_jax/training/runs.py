@@ -35,13 +35,29 @@ def stage_config(config, stage: str):
 
 
 def stage_meta(cfg, stage: str) -> dict:
-    """What must match to resume a stage or build on it."""
+    """What must match to resume a stage ("recipe" too) or to build on it (the rest); `cfg` is the
+    stage's config (`stage_config`)."""
     return {
         "stage": stage,
         "task": cfg.data.task,
         "geometry": geometry_to_dict(pipeline.geometry_from_config(cfg.data)),
         "model": json.loads(cfg.model.to_json()),
+        "recipe": recipe(cfg, stage),
     }
+
+
+def recipe(cfg, stage: str) -> dict:
+    """The settings that decide what a stage learns besides its model: resuming a checkpoint under other
+    ones (another seed, training set, diffusion objective, masks or TMA) would silently mix two runs.
+    The number of steps is not among them: resuming with more steps is how a run is extended."""
+    out = {"seed": int(cfg.seed), "n_train": int(cfg.data.n_train)}
+    if stage in ("foundation", "task"):
+        out["diffusion"] = json.loads(cfg.diffusion.to_json())
+    if stage == "foundation":
+        out["masks"] = {k: v for k, v in json.loads(cfg.masks.to_json()).items() if k != "device"}
+    if stage in ("task", "regressor"):
+        out["tma"] = json.loads(cfg.tma.to_json())
+    return out
 
 
 def load_state(directory: str, stage_obj, cfg, name: str, check_task: bool = True):
