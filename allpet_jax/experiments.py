@@ -48,6 +48,19 @@ def _call(cmd: list, log_path: str) -> None:
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {done.returncode}); end of {log_path}:\n{tail}")
 
 
+def _up_to_date(result: str, workdir: str, cmd: list, log_path: str) -> bool:
+    """Whether `result` was written by `cmd` after every checkpoint of `workdir` (so a re-run experiment,
+    whose finished stages train nothing, need not score them again)."""
+    if not os.path.exists(result) or not os.path.exists(log_path):
+        return False
+    with open(log_path) as f:
+        if "$ " + " ".join(cmd) + "\n" not in f.readlines():  # scored with other arguments
+            return False
+    newest = max((os.path.getmtime(os.path.join(d, name)) for d, _, names in os.walk(workdir)
+                  if f"{os.sep}checkpoints" in d for name in names), default=0.0)
+    return os.path.getmtime(result) > newest
+
+
 def run(workdir: str, preset: str, overrides=(), *, task: str = "low_dose", evaluate: bool = True,
         eval_args=("--steps", "20")) -> Run:
     """`train.py --config configs/base.py:<preset> --workdir <workdir> --config.data.task=<task> <overrides>`,
@@ -65,7 +78,8 @@ def run(workdir: str, preset: str, overrides=(), *, task: str = "low_dose", eval
         score = [sys.executable, "-m", "allpet_jax.evaluate", "--workdir", workdir, "--task", task, "--out", out,
                  *eval_args]
         commands.append(score)
-        _call(score, log)
+        if not _up_to_date(os.path.join(out, "results.json"), workdir, score, log):
+            _call(score, log)
         with open(os.path.join(out, "results.json")) as f:
             summary = json.load(f)["summary"]
     return Run(workdir, commands, time.perf_counter() - t0, summary)
@@ -176,8 +190,11 @@ def run_tasks(runs_dir: str, preset: str, tasks=PAIRED_TASKS, overrides=(), eval
     first, others = tasks[0], tasks[1:]
     base = os.path.join(runs_dir, first)
     out = {first: run(base, preset, list(overrides), task=first, eval_args=eval_args)}
-    _call([sys.executable, "-m", "allpet_jax.evaluate", "--workdir", base, "--task", "synthesis",
-           "--out", os.path.join(runs_dir, "synthesis"), "--steps", "50"], os.path.join(base, "run.log"))
+    synthesis = [sys.executable, "-m", "allpet_jax.evaluate", "--workdir", base, "--task", "synthesis",
+                 "--out", os.path.join(runs_dir, "synthesis"), "--steps", "50"]
+    log = os.path.join(base, "run.log")
+    if not _up_to_date(os.path.join(runs_dir, "synthesis", "results.json"), base, synthesis, log):
+        _call(synthesis, log)
     for task in others:
         out[task] = run(os.path.join(runs_dir, task), preset,
                         ["--config.train.stages=task,regressor", f"--config.train.autoencoder_dir={base}/autoencoder",

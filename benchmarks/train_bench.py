@@ -10,8 +10,8 @@ over a mesh of `n` devices with `jax.shard_map` exactly as `train.py` does, and 
 
 - `MiB/device`: XLA's memory analysis of the compiled step per device (arguments + outputs +
   temporaries), the number `--config.train.memory_budget_gb` is checked against;
-- `micro for 8 GiB`: the split (micro-batch x count) `memory.choose_micro_batch` picks for an 8 GiB
-  budget, and its memory per device;
+- `micro for B GiB`: the split (micro-batch x count) `memory.choose_micro_batch` picks for a budget of
+  B GiB per device (`--budgets_gib`, default 8; 24 is the paper's GPU), and its memory per device;
 - `samples/s`: global batch / median step time over `--steps` steps after one warm-up step.
 
 Several devices are host CPU devices (`--xla_force_host_platform_device_count`) sharing the same cores,
@@ -38,7 +38,7 @@ from allpet_jax.training import memory, stages  # noqa: E402
 from allpet_jax.training import step as S  # noqa: E402
 from configs import base  # noqa: E402
 
-BUDGET_GIB = 8.0
+BUDGETS_GIB = (8.0,)  # --budgets_gib; 24 is the paper's GPU
 
 
 def build(cfg, stage: str):
@@ -49,7 +49,7 @@ def build(cfg, stage: str):
     return stages.diffusion_stage(stage, cfg, ae.graphdef, ae.params, 1.0, 1, 1, cfg.seed)
 
 
-def bench(preset: str, stage: str, n_dev: int, steps: int, timed: bool) -> dict:
+def bench(preset: str, stage: str, n_dev: int, steps: int, timed: bool, budgets=BUDGETS_GIB) -> dict:
     cfg = base.get_config(preset)
     batch_size = cfg.data.batch_size
     stage_obj = build(cfg, stage)
@@ -72,11 +72,13 @@ def bench(preset: str, stage: str, n_dev: int, steps: int, timed: bool) -> dict:
     compiled = compile_step(1)
     compile_s = time.perf_counter() - t0
     whole = memory.estimate(compiled, batch_size // n_dev, 1)
-    try:
-        n_micro, fit = memory.choose_micro_batch(compile_step, batch_size // n_dev, BUDGET_GIB)
-        fits = f"{fit.micro_batch} x {n_micro}: {fit.total_bytes / 2**20:.0f} MiB"
-    except ValueError:
-        fits = "does not fit"
+    fits = []
+    for budget in budgets:
+        try:
+            n_micro, fit = memory.choose_micro_batch(compile_step, batch_size // n_dev, budget)
+            fits.append(f"{fit.micro_batch} x {n_micro}: {fit.total_bytes / 2**20:.0f} MiB")
+        except ValueError:
+            fits.append("does not fit")
     row = {"preset": preset, "stage": stage, "devices": n_dev, "batch": batch_size,
            "params": sum(int(np.size(x)) for x in jax.tree.leaves(stage_obj.params)),
            "mib": whole.total_bytes / 2**20, "gflop": (whole.flops or 0) / 1e9, "fits": fits,
@@ -100,21 +102,24 @@ def main():
     parser.add_argument("--devices", default="1,2,4")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per row (median)")
     parser.add_argument("--time_default", action="store_true", help="also time the paper-scale preset")
+    parser.add_argument("--budgets_gib", default=",".join(f"{b:g}" for b in BUDGETS_GIB),
+                        help="memory budgets per device for the micro-batch columns, e.g. 8,24")
     args = parser.parse_args()
+    budgets = tuple(float(b) for b in args.budgets_gib.split(","))
     print(f"backend {jax.default_backend()}, {jax.device_count()} devices ({jax.devices()[0].device_kind}); "
           f"memory per device from XLA's analysis of the compiled step\n")
     header = ("preset", "stage", "devices", "global batch", "params", "MiB/device", "GFLOP/step/device",
-              f"micro for {BUDGET_GIB:g} GiB", "compile s", "samples/s")
+              *(f"micro for {b:g} GiB" for b in budgets), "compile s", "samples/s")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for preset in args.presets.split(","):
         for stage in args.stages.split(","):
             for n_dev in (int(n) for n in args.devices.split(",")):
                 timed = preset != "default" or args.time_default
-                r = bench(preset, stage, n_dev, args.steps, timed)
+                r = bench(preset, stage, n_dev, args.steps, timed, budgets)
                 samples = f"{r['samples_s']:.1f}" if timed else "not timed"
                 print(f"| {r['preset']} | {r['stage']} | {r['devices']} | {r['batch']} | {r['params']:,} | "
-                      f"{r['mib']:.0f} | {r['gflop']:.1f} | {r['fits']} | {r['compile_s']:.1f} | {samples} |",
+                      f"{r['mib']:.0f} | {r['gflop']:.1f} | {' | '.join(r['fits'])} | {r['compile_s']:.1f} | {samples} |",
                       flush=True)
 
 

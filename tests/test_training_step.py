@@ -117,3 +117,40 @@ def test_foundation_without_rmas_trains_on_full_sinograms():
                                                                                     batch, keys)
     assert set(parts) == {"diffusion", "total"} and np.isfinite(float(loss)) and float(loss) > 0
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+
+
+def test_two_channel_task_starts_from_a_one_channel_foundation():
+    """tracer_separation's U-Net has two sinogram channels, the synthesis foundation one: the warm start
+    copies every equal-shaped parameter, tiles the output convolution over the channel groups, and
+    copies the overlapping block of the input convolution (the rest keeps its fresh initialisation)."""
+    sys.path.insert(0, os.path.dirname(HERE))
+    from allpet_jax.training import runs, stages
+    from configs import base
+
+    cfg = base.get_config("smoke")
+    cfg.data.task = "tracer_separation"
+    ae = stages.autoencoder_stage(cfg, 0)
+    found = stages.diffusion_stage("foundation", runs.stage_config(cfg, "foundation"), ae.graphdef, ae.params,
+                                   1.0, 1, 1, seed=1)
+    task_cfg = runs.stage_config(cfg, "task")
+    fresh = stages.diffusion_stage("task", task_cfg, ae.graphdef, ae.params, 1.0, 2, 1, seed=2)
+    warm = stages.diffusion_stage("task", task_cfg, ae.graphdef, ae.params, 1.0, 2, 1, seed=2, unet_params=found.params)
+    leaves = zip(jax.tree.leaves(found.params), jax.tree.leaves(fresh.params), jax.tree.leaves(warm.params))
+    tiled = overlapped = copied = 0
+    for old, new, got in leaves:
+        old, new, got = np.asarray(old), np.asarray(new), np.asarray(got)
+        assert got.shape == new.shape
+        if old.shape == new.shape:
+            np.testing.assert_array_equal(got, old)
+            copied += 1
+        elif new.shape[:-1] == old.shape[:-1] and new.shape[-1] == 2 * old.shape[-1]:
+            np.testing.assert_array_equal(got, np.concatenate([old, old], axis=-1))
+            tiled += 1
+        else:
+            block = tuple(slice(0, min(n, o)) for n, o in zip(new.shape, old.shape))
+            np.testing.assert_array_equal(got[block], old[block])
+            rest = np.ones(new.shape, bool)
+            rest[block] = False
+            np.testing.assert_array_equal(got[rest], new[rest])
+            overlapped += 1
+    assert copied > 10 and tiled >= 2 and overlapped >= 1, (copied, tiled, overlapped)  # kernel + bias tiled

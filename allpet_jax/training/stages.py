@@ -65,6 +65,32 @@ def split_model(model: nnx.Module):
     return graphdef, params
 
 
+def warm_start(pretrained, fresh):
+    """`fresh` (freshly initialised parameters) with each leaf taken from `pretrained` where it fits.
+
+    Equal shapes are copied. A leaf that differs in size along some axes (the U-Net's first and last
+    convolutions when the task has more sinogram channels than the foundation model, e.g. the two of
+    `tracer_separation`) is built axis by axis: where the fresh size is a multiple of the pretrained one
+    the pretrained values are tiled (each output channel group starts as the foundation's prediction),
+    elsewhere the overlapping block is copied and the rest keeps its fresh initialisation. The trees
+    must have the same structure (same architecture); a leaf of another rank is an error.
+    """
+    def one(path, new, old):
+        new, old = jnp.asarray(new), jnp.asarray(old)
+        if new.shape == old.shape:
+            return old.astype(new.dtype)
+        if new.ndim != old.ndim:
+            raise ValueError(f"warm start: parameter {jax.tree_util.keystr(path)} has shape {old.shape} in the "
+                             f"pretrained model and {new.shape} here")
+        for axis, (n, o) in enumerate(zip(new.shape, old.shape)):
+            if n != o and n % o == 0:
+                old = jnp.concatenate([old] * (n // o), axis=axis)
+        block = tuple(slice(0, min(n, o)) for n, o in zip(new.shape, old.shape))
+        return new.at[block].set(old[block].astype(new.dtype))
+
+    return jax.tree_util.tree_map_with_path(one, fresh, pretrained)
+
+
 def psnr(pred, target):
     """Per-sample PSNR in dB `(B,)` with the target's own peak as the data range."""
     axes = tuple(range(1, target.ndim))
@@ -258,7 +284,7 @@ def diffusion_stage(name: str, config, ae_graphdef, ae_params, latent_scale: flo
     null_ids = unet.null_ids
     graphdef, params = split_model(unet)
     if unet_params is not None:
-        params = unet_params
+        params = warm_start(unet_params, params)
     frozen = {"ae": ae_params, "scale": jnp.asarray(latent_scale, jnp.float32)}
     paired = objective != "synthesis"
     residual = objective in ("diffusion", "regression") and bool(config.diffusion.get("residual", False))
