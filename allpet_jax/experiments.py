@@ -117,7 +117,8 @@ def write_results(path: str, title: str, table: str, runs_by_arm: dict, preset: 
              f"- preset `{preset}`, overrides `{' '.join(overrides) or '(none)'}`",
              f"- machine: {machine()}",
              f"- {len(walls)} runs, wall time {sum(walls) / 60:.1f} min in total "
-             f"(median {np.median(walls) if walls else 0:.0f} s per run, training and evaluation)", "",
+             f"(median {np.median(walls) if walls else 0:.0f} s per run, training and evaluation; a re-run "
+             "reuses finished stages and evaluations, so it counts only what it redid)", "",
              "Commands (first seed of each arm; other seeds differ in `--config.seed` and the workdir):", ""]
     for arm, runs in runs_by_arm.items():
         if runs:
