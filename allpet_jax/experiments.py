@@ -94,19 +94,31 @@ def metric(run_: Run, method_prefix: str, name: str) -> float:
 
 
 def seed_table(runs_by_arm: dict, metrics, method_prefix: str = "ALL-PET") -> str:
-    """Markdown: one row per arm, each metric as mean ± std over the arm's runs (seeds), and the
-    difference of the means to the first arm."""
+    """Markdown: one row per arm, each metric as mean ± std over the arm's runs (seeds), and the change
+    against the first arm: paired by seed (the i-th run of each arm shares its seed) as the mean ± std
+    of the per-seed differences, which removes the seed-to-seed variation both arms share."""
     arms = list(runs_by_arm)
     header = ["arm", "seeds"] + [f"{m}" for m in metrics] + [f"Δ {m} vs {arms[0]}" for m in metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    means = {}
+    values = {arm: {m: np.array([metric(r, method_prefix, m) for r in runs_by_arm[arm]], float) for m in metrics}
+              for arm in arms}
     for arm in arms:
-        values = {m: np.array([metric(r, method_prefix, m) for r in runs_by_arm[arm]], float) for m in metrics}
-        means[arm] = {m: float(np.nanmean(v)) for m, v in values.items()}
-        cells = [f"{np.nanmean(v):.3f} ± {np.nanstd(v):.3f}" for v in values.values()]
-        deltas = [f"{means[arm][m] - means[arms[0]][m]:+.3f}" for m in metrics]
+        cells = [f"{np.nanmean(v):.3f} ± {np.nanstd(v):.3f}" for v in values[arm].values()]
+        deltas = []
+        for m in metrics:
+            ours, ref = values[arm][m], values[arms[0]][m]
+            if ours.shape == ref.shape:
+                deltas.append(f"{np.nanmean(ours - ref):+.3f} ± {np.nanstd(ours - ref):.3f}")
+            else:  # unpaired: the difference of the means
+                deltas.append(f"{np.nanmean(ours) - np.nanmean(ref):+.3f}")
         lines.append(f"| {arm} | {len(runs_by_arm[arm])} | " + " | ".join(cells + deltas) + " |")
     return "\n".join(lines)
+
+
+def load_run(workdir: str) -> Run:
+    """A finished run read back from its `eval/results.json` (to tabulate runs made earlier)."""
+    with open(os.path.join(workdir, "eval", "results.json")) as f:
+        return Run(workdir, [], float("nan"), json.load(f)["summary"])
 
 
 def write_results(path: str, title: str, table: str, runs_by_arm: dict, preset: str, overrides=()) -> None:
