@@ -69,15 +69,15 @@ def build_stage(cfg, stage: str, workdir: str, example_batch, train_ds):
     if stage == "task":
         foundation_dir = cfg.train.foundation_dir or os.path.join(os.path.dirname(workdir), "foundation")
         if checkpointing.has_checkpoint(foundation_dir):
-            # The foundation model is built with its own channel count (synthesis sinograms have one; a
-            # task may have more, and stages.warm_start widens the first and last convolutions).
-            manager = checkpointing.make_manager(foundation_dir, keep_best=0)
-            found = checkpointing.read_meta(manager).get("channels", {})
-            manager.close()
-            probe = stages.diffusion_stage("foundation", cfg, ae.graphdef, ae_params, scale,
-                                           found.get("target", target_channels), found.get("source", source_channels),
-                                           cfg.seed)
-            found_state, _ = runs.load_state(foundation_dir, probe, cfg, "foundation", check_task=False)
+            def foundation_of(meta):
+                # Built with its own channel count (synthesis sinograms have one; a task may have more,
+                # and stages.warm_start widens the first and last convolutions).
+                found = meta.get("channels", {})
+                return stages.diffusion_stage("foundation", cfg, ae.graphdef, ae_params, scale,
+                                              found.get("target", target_channels),
+                                              found.get("source", source_channels), cfg.seed)
+
+            found_state, _ = runs.load_state(foundation_dir, foundation_of, cfg, "foundation", check_task=False)
             unet_params = found_state.ema
             print(f"[task] starting from the foundation U-Net in {foundation_dir}", flush=True)
         else:

@@ -167,32 +167,36 @@ def _relative(cmd: list) -> list:
 PAIRED_TASKS = ("low_dose", "attenuation_correction", "delayed_frame", "tracer_conversion", "tracer_separation")
 
 
-def _row(summary: dict, prefix: str, name: str) -> str:
-    try:
-        return f"{metric(Run('', [], 0.0, summary), prefix, name):.2f}"
-    except KeyError:
-        return "-"
+def _is_sample(name: str) -> bool:  # one sample of the model without guidance
+    return name.startswith("ALL-PET (") and "mean of" not in name
+
+
+def _is_mean(name: str) -> bool:  # the mean of K samples of the model without guidance
+    return name.startswith("ALL-PET (") and "mean of" in name
+
+
+TASK_COLUMNS = [  # (header, which summary row, metric)
+    ("sino: identity", lambda n: n == "identity", "sino_psnr"),
+    ("sino: regressor", lambda n: n == "U-Net regressor", "sino_psnr"),
+    ("sino: ALL-PET", _is_sample, "sino_psnr"),
+    ("sino: ALL-PET mean", _is_mean, "sino_psnr"),
+    ("OSEM: source + Gaussian", lambda n: n.startswith("FBP/OSEM + Gaussian"), "osem_psnr"),
+    ("OSEM: regressor", lambda n: n == "U-Net regressor", "osem_psnr"),
+    ("OSEM: ALL-PET", _is_sample, "osem_psnr"),
+    ("OSEM: ALL-PET mean", _is_mean, "osem_psnr"),
+    ("OSEM: target", lambda n: n.startswith("target"), "osem_psnr"),
+]
 
 
 def task_table(runs_by_task: dict) -> str:
     """Markdown: per task, sinogram and OSEM-image PSNR of the baselines and of the model (means over the
     test samples; each task's full table with spreads is in its eval/results.md)."""
-    cols = [("identity", "sino_psnr"), ("U-Net regressor", "sino_psnr"), ("ALL-PET (", "sino_psnr"),
-            ("ALL-PET", "sino_psnr", "mean of"),
-            ("FBP/OSEM + Gaussian", "osem_psnr"), ("U-Net regressor", "osem_psnr"), ("ALL-PET (", "osem_psnr"),
-            ("ALL-PET", "osem_psnr", "mean of"), ("target", "osem_psnr")]
-    header = ["task", "sino: identity", "sino: regressor", "sino: ALL-PET", "sino: ALL-PET mean", "OSEM: source + Gaussian",
-              "OSEM: regressor", "OSEM: ALL-PET", "OSEM: ALL-PET mean", "OSEM: target"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = ["| task | " + " | ".join(h for h, _, _ in TASK_COLUMNS) + " |", "|" + "---|" * (len(TASK_COLUMNS) + 1)]
     for task, run_ in runs_by_task.items():
         cells = []
-        for col in cols:
-            summary = run_.summary
-            if len(col) == 3:  # the "mean of K" row of the model without guidance
-                summary = {k: v for k, v in summary.items() if col[2] in k and "guidance" not in k}
-            elif col[0] == "ALL-PET (":
-                summary = {k: v for k, v in summary.items() if "mean of" not in k}
-            cells.append(_row(summary, col[0], col[1]))
+        for _, pick, name in TASK_COLUMNS:
+            means = [row[name]["mean"] for method, row in run_.summary.items() if pick(method) and name in row]
+            cells.append(f"{means[0]:.2f}" if means else "-")
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -62,7 +62,9 @@ def recipe(cfg, stage: str) -> dict:
 
 def load_state(directory: str, stage_obj, cfg, name: str, check_task: bool = True):
     """The latest `TrainState` of stage `name` in `directory`, into `stage_obj`'s structure, after checking
-    that its geometry and model (and task, with `check_task`) match `cfg`."""
+    that its geometry and model (and task, with `check_task`) match `cfg`. `stage_obj` may also be a
+    function of the checkpoint's meta that builds the stage, where its shapes depend on what the
+    checkpoint holds (the foundation model's channel count)."""
     if not checkpointing.has_checkpoint(directory):
         raise FileNotFoundError(
             f"the {name} stage needs a checkpoint in {directory}; train it first "
@@ -73,6 +75,8 @@ def load_state(directory: str, stage_obj, cfg, name: str, check_task: bool = Tru
     expected = stage_meta(stage_config(cfg, name), name)
     keys = ("geometry", "model") + (("task",) if check_task else ())
     checkpointing.check_compatible(meta, expected, keys, directory)
+    if callable(stage_obj):
+        stage_obj = stage_obj(meta)
     abstract = train_step.init_state(stage_obj.params, make_tx(cfg, name), cfg.seed, stage_obj.frozen)
     state = checkpointing.restore_state_only(manager, manager.latest_step(), checkpointing.abstract(abstract))
     manager.close()
