@@ -15,10 +15,16 @@ under `jit`. What it is not: a loss (nothing here is meant to be differentiated)
   conditions of the range of the Radon transform), `range_residual` (`S - R(FBP(S))`),
   `negative_fraction`; and `sample_statistics_distance`, the Frechet distance between Gaussians
   fitted to `sinogram_features` of a generated and a reference set.
+- A posterior judged as a posterior, from `K` samples `(K, B, ...)` against the truth `(B, ...)`:
+  `crps_ensemble` (per bin, averaged per sample), `interval_coverage` (of the central interval) with
+  `calibrated_coverage`, what a calibrated `K`-member ensemble scores, and `spread_error_correlation`.
+- Comparing methods on one test set: `paired_bootstrap_ci`, the percentile bootstrap interval of the
+  mean per-sample difference (numpy in float64, resampling indices from an explicit `jax.random` key).
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
@@ -482,6 +488,115 @@ def sample_statistics_distance(generated, reference) -> float:
     scale = np.where(scale > 0, scale, 1.0)
     fg, fr = fg / scale, fr / scale
     return frechet_distance(fg.mean(0), np.cov(fg, rowvar=False), fr.mean(0), np.cov(fr, rowvar=False))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Posterior quality from an ensemble of samples
+
+
+def crps_ensemble(samples, truth, fair: bool = True):
+    """Continuous ranked probability score of a `K`-member ensemble, per bin, averaged per sample.
+
+    `samples` `(K, B, ...)`, `truth` `(B, ...)` -> `(B,)` float64, in the units of the data (lower is
+    better; for a deterministic prediction it is the absolute error). Per bin, with members `x_k`:
+
+        CRPS = 1/K sum_k |x_k - y| - 1/(2 K (K - 1)) sum_{k, l} |x_k - x_l|      (fair = True)
+
+    the unbiased ("fair") estimator of the CRPS of the distribution the members are drawn from (Ferro
+    2014); `fair=False` divides the spread term by `2 K^2` instead: the CRPS of the empirical
+    distribution itself. The pair sum is computed from the sorted members in `O(K log K)`,
+    `sum_{k,l} |x_k - x_l| = 2 sum_i (2 i - K + 1) x_(i)` (0-based order statistics).
+    """
+    x, y = _ensemble("crps_ensemble", samples, truth)
+    K = x.shape[0]
+    if fair and K < 2:
+        raise ValueError("crps_ensemble with fair=True needs at least 2 samples per input; got 1 (pass fair=False)")
+    skill = np.mean(np.abs(x - y[None]), axis=0)
+    order = np.sort(x, axis=0)
+    weights = (2.0 * np.arange(K) - K + 1.0).reshape((K,) + (1,) * (x.ndim - 1))
+    pair_sum = 2.0 * np.sum(weights * order, axis=0)
+    spread = pair_sum / (2.0 * K * (K - 1) if fair else 2.0 * K * K)
+    return _per_sample_mean(skill - spread)
+
+
+def interval_coverage(samples, truth, level: float = 0.9):
+    """Fraction of bins whose truth lies in the central `level` interval of the samples, per sample.
+
+    `samples` `(K, B, ...)`, `truth` `(B, ...)` -> `(B,)`. The interval runs between the `(1 - level)/2`
+    and `(1 + level)/2` quantiles with plotting positions `k / (K + 1)` (numpy's `weibull` method): for
+    `K` exchangeable draws and a truth drawn from the same distribution, the truth falls between order
+    statistics `i < j` with probability `(j - i) / (K + 1)`, so the expected coverage is known for every
+    `K` (`calibrated_coverage`; 15/17 = 0.882 for K = 16 at 90 %, where the interval is [min, max]).
+    """
+    x, y = _ensemble("interval_coverage", samples, truth)
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1); got {level!r}")
+    lo, hi = np.quantile(x, [(1.0 - level) / 2.0, (1.0 + level) / 2.0], axis=0, method="weibull")
+    return _per_sample_mean(((y >= lo) & (y <= hi)).astype(np.float64))
+
+
+def calibrated_coverage(num_samples: int, level: float = 0.9) -> float:
+    """The expected `interval_coverage` of a calibrated ensemble of `num_samples` members (the truth and
+    the members drawn from one continuous distribution): the positions `p (K + 1)` of the two quantiles,
+    clipped to `[1, K]`, apart, over `K + 1`."""
+    K = int(num_samples)
+    lo = min(max((1.0 - level) / 2.0 * (K + 1), 1.0), K)
+    hi = min(max((1.0 + level) / 2.0 * (K + 1), 1.0), K)
+    return (hi - lo) / (K + 1)
+
+
+def spread_error_correlation(samples, truth):
+    """Pearson correlation, over the bins of each sample, between the ensemble's per-bin standard
+    deviation and the absolute error of its mean: `(K, B, ...)`, `(B, ...)` -> `(B,)`. Near 1 when the
+    uncertainty map points at the errors; 0 when it says nothing about them; NaN where either is
+    constant."""
+    x, y = _ensemble("spread_error_correlation", samples, truth)
+    B = y.shape[0]
+    std = x.std(axis=0, ddof=1 if x.shape[0] > 1 else 0).reshape(B, -1)
+    err = np.abs(x.mean(axis=0) - y).reshape(B, -1)
+    std, err = std - std.mean(axis=1, keepdims=True), err - err.mean(axis=1, keepdims=True)
+    den = np.sqrt(np.sum(std**2, axis=1) * np.sum(err**2, axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, np.sum(std * err, axis=1) / den, np.nan)
+
+
+def _ensemble(name, samples, truth):
+    x, y = np.asarray(samples, np.float64), np.asarray(truth, np.float64)
+    if x.ndim < 2 or x.shape[1:] != y.shape:
+        raise ValueError(f"{name} takes samples (K, B, ...) and a truth (B, ...) with the same shape after K; "
+                         f"got samples {x.shape} and truth {y.shape}")
+    return x, y
+
+
+def _per_sample_mean(x):
+    return x.reshape(x.shape[0], -1).mean(axis=1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Comparing methods on one test set
+
+
+def paired_bootstrap_ci(a, b, key, level: float = 0.95, num_resamples: int = 2000) -> dict:
+    """The mean per-sample difference `a - b` of two methods scored on the same test samples, with its
+    percentile bootstrap interval: resample the samples (pairs kept together) `num_resamples` times.
+
+    `a`, `b` `(N,)` per-sample scores; pairs where either is not finite are left out (`n` says how many
+    remain). `key` is a `jax.random` key: the same key gives the same interval. Returns
+    `{"mean", "lo", "hi", "n"}` (floats; NaN when no pair is left).
+    """
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    if a.shape != b.shape:
+        raise ValueError(f"paired_bootstrap_ci needs per-sample scores of the same test samples; got {a.shape} and {b.shape}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1); got {level!r}")
+    d = (a - b)[np.isfinite(a) & np.isfinite(b)]
+    n = int(d.size)
+    if n == 0:
+        return {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0}
+    index = np.asarray(jax.random.randint(key, (num_resamples, n), 0, n))
+    means = d[index].mean(axis=1)
+    lo, hi = np.quantile(means, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
+    return {"mean": float(d.mean()), "lo": float(lo), "hi": float(hi), "n": n}
 
 
 def _safe_ratio(a, b):

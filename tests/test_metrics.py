@@ -298,3 +298,74 @@ def test_sample_statistics_distance_zero_for_one_distribution_larger_when_shifte
     np.testing.assert_allclose(metrics.sample_statistics_distance(shifted, a), moved, rtol=1e-6)
     with pytest.raises(ValueError, match=r"same shape after N.*\(4, 16, 24\).*\(4, 16, 23\)"):
         metrics.sample_statistics_distance(a[:4], a[:4, :, :23])
+
+
+# --- posterior quality and paired comparisons ---------------------------------------------------------
+
+
+def _gaussian_crps(y, sigma=1.0):
+    """Closed-form CRPS of N(0, sigma^2) at y (Gneiting & Raftery 2007)."""
+    from scipy.stats import norm
+
+    z = y / sigma
+    return sigma * (z * (2 * norm.cdf(z) - 1) + 2 * norm.pdf(z) - 1 / np.sqrt(np.pi))
+
+
+def test_crps_ensemble_matches_the_gaussian_closed_form_and_the_pairwise_formula():
+    rng = np.random.default_rng(0)
+    truth = rng.normal(0.0, 1.5, size=(6, 3000))
+    samples = rng.normal(size=(16,) + truth.shape)
+    crps = metrics.crps_ensemble(samples, truth)
+    expected = _gaussian_crps(truth).mean(axis=1)
+    np.testing.assert_allclose(crps, expected, atol=0.02)
+    # A second implementation: the O(K^2) pair sum, fair and empirical.
+    x, y = samples[:, :2, :50], truth[:2, :50]
+    skill = np.abs(x - y).mean(0)
+    pairs = np.abs(x[:, None] - x[None]).sum((0, 1))
+    np.testing.assert_allclose(metrics.crps_ensemble(x, y), (skill - pairs / (2 * 16 * 15)).mean(1), rtol=1e-10)
+    np.testing.assert_allclose(metrics.crps_ensemble(x, y, fair=False), (skill - pairs / (2 * 16 * 16)).mean(1),
+                               rtol=1e-10)
+    # One member: the absolute error.
+    np.testing.assert_allclose(metrics.crps_ensemble(x[:1], y, fair=False), np.abs(x[0] - y).mean(1), rtol=1e-12)
+
+
+def test_interval_coverage_of_a_calibrated_and_an_overconfident_ensemble():
+    rng = np.random.default_rng(1)
+    truth = rng.normal(size=(4, 5000))
+    calibrated = metrics.interval_coverage(rng.normal(size=(16,) + truth.shape), truth)
+    assert metrics.calibrated_coverage(16) == pytest.approx(15 / 17)
+    np.testing.assert_allclose(calibrated.mean(), 15 / 17, atol=0.01)
+    # Members 3x too narrow: the truth leaves [min, max] of 16 draws of N(0, 1/9) far more often.
+    narrow = metrics.interval_coverage(rng.normal(scale=1 / 3, size=(16,) + truth.shape), truth)
+    assert narrow.mean() < 0.6
+    # Many members: the 90 % interval's coverage tends to 0.90.
+    assert metrics.calibrated_coverage(199) == pytest.approx(0.9)
+    many = metrics.interval_coverage(rng.normal(size=(199, 1, 4000)), truth[:1, :4000])
+    np.testing.assert_allclose(many, 0.9, atol=0.015)
+
+
+def test_spread_error_correlation_sees_whether_the_spread_follows_the_error():
+    rng = np.random.default_rng(2)
+    sigma = np.exp(rng.normal(size=(3, 4000)))  # per-bin uncertainty that varies over the bins
+    truth = rng.normal(size=sigma.shape) * sigma
+    informative = metrics.spread_error_correlation(rng.normal(size=(16,) + sigma.shape) * sigma, truth)
+    blind = metrics.spread_error_correlation(rng.normal(size=(16,) + sigma.shape), truth)
+    assert np.all(informative > 0.4)
+    assert np.all(np.abs(blind) < 0.08)
+    assert np.isnan(metrics.spread_error_correlation(np.zeros((4, 1, 10)), np.ones((1, 10))))[0]
+
+
+def test_paired_bootstrap_interval_covers_the_true_mean_difference_about_95_percent():
+    rng = np.random.default_rng(3)
+    keys = jax.random.split(jax.random.key(0), 300)
+    hits = 0
+    for key in keys:  # skewed per-sample differences with mean 0.3
+        a = rng.exponential(1.0, size=60) + 0.3 - 1.0
+        ci = metrics.paired_bootstrap_ci(a, np.zeros(60), key, num_resamples=1000)
+        hits += ci["lo"] <= 0.3 <= ci["hi"]
+        assert ci["lo"] <= ci["mean"] <= ci["hi"]
+    assert 0.90 <= hits / len(keys) <= 0.98
+    same = metrics.paired_bootstrap_ci([1.0, np.nan, 3.0], [0.5, 1.0, np.inf], jax.random.key(1))
+    assert same == {"mean": 0.5, "lo": 0.5, "hi": 0.5, "n": 1}
+    with pytest.raises(ValueError, match="same test samples"):
+        metrics.paired_bootstrap_ci(np.zeros(3), np.zeros(4), jax.random.key(0))
