@@ -124,6 +124,50 @@ def test_file_source_reads_both_variables_of_mat_files(tmp_path):
     np.testing.assert_array_equal(sample["prompt"], [1, 2, 3])
 
 
+def physics_variables(seed=0, channels=1):
+    rng = np.random.default_rng(seed)
+    per_channel = lambda: rng.uniform(0.5, 2.0, (channels, *GEOM.sino_shape)).astype(np.float32)
+    return {"prompts": sinogram(seed, channels), "normalisation": rng.uniform(0.8, 1.2, GEOM.sino_shape),
+            "attenuation": rng.uniform(0.1, 1.0, GEOM.sino_shape), "scatter": per_channel(), "randoms": per_channel(),
+            "dose": 0.25}
+
+
+def test_file_source_reads_optional_physics_variables(tmp_path):
+    for i in range(2):
+        np.savez(tmp_path / f"p{i}.npz", source=sinogram(i), target=sinogram(i + 5), **physics_variables(i))
+    scipy.io.savemat(tmp_path / "p2.mat", {"source": sinogram(2), "target": sinogram(7), **physics_variables(2)})
+    src = sources.FileSource(tmp_path, GEOM, physics=True)
+    batch = src.read_batch([0, 2])
+    A, B = GEOM.sino_shape
+    shapes = {k: batch[k].shape for k in ("prompts", "normalisation", "attenuation", "scatter", "randoms", "dose")}
+    assert shapes == {"prompts": (2, 1, A, B), "normalisation": (2, A, B), "attenuation": (2, A, B),
+                      "scatter": (2, 1, A, B), "randoms": (2, 1, A, B), "dose": (2,)}
+    np.testing.assert_allclose(batch["attenuation"][1], physics_variables(2)["attenuation"], rtol=1e-6)
+    np.testing.assert_array_equal(batch["prompts"][0, 0], sinogram(0))
+    np.testing.assert_allclose(batch["dose"], 0.25)
+    assert not set(sources.PHYSICS_FIELDS) & set(sources.FileSource(tmp_path, GEOM).read_batch([0]))  # off: not read
+    # Absent variables are left out; files that disagree on which they hold are refused, naming both.
+    np.savez(tmp_path / "p3.npz", source=sinogram(3), target=sinogram(8))
+    src = sources.FileSource(tmp_path, GEOM, physics=True)
+    assert set(src.read_batch([3])) == {"source", "target", "index"}
+    with pytest.raises(loaders.DataFileError, match="p3.npz: holds .* every file must hold the same ones"):
+        src.read_batch([0, 3])
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("scatter", np.ones((2, 9, 14)), r"variable 'scatter' has 2 channel\(s\) but the source sinogram has 1"),
+    ("normalisation", np.ones((14, 9)), r"variable 'normalisation' has shape \(14, 9\), expected \(n_angles, n_bins\)"),
+    ("attenuation", np.full((9, 14), 3.0), r"above 1; store the factors themselves"),
+    ("randoms", -np.ones((9, 14)), "negative value"),
+    ("dose", 4.0, r"'dose' is \[4.0\]; it must be one number in \(0, 1\]"),
+])
+def test_bad_physics_variables_are_named(tmp_path, name, value, message):
+    np.savez(tmp_path / "bad.npz", source=sinogram(), target=sinogram(), **dict(physics_variables(), **{name: value}))
+    with pytest.raises(loaders.DataFileError, match=message) as info:
+        sources.FileSource(tmp_path, GEOM, physics=True)[0]
+    assert "\n" not in str(info.value) and "bad.npz" in str(info.value)
+
+
 # --- bad files ------------------------------------------------------------------------------------------
 
 

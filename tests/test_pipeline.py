@@ -306,6 +306,39 @@ def test_real_simulator_through_make_shards_and_pipeline(tmp_path):
     np.testing.assert_allclose(norm.to_counts(batch["target"]), shards.read_batch(batch["index"])["target"], rtol=1e-6)
 
 
+def test_physics_fields_take_stable_names_and_cost_nothing_when_off():
+    """`physics=True` simulates with `diagnostics=True` and returns the source acquisition's raw data under
+    `PHYSICS_FIELDS` (the other diagnostics left out); off, the simulator is never asked for them. (The
+    values themselves are checked against the Poisson means in test_simulate.py.)"""
+    from allpet_jax.data.simulate import DIAGNOSTICS
+
+    calls = []
+
+    def with_diagnostics(key, task, geom, dose=0.25, diagnostics=False):
+        calls.append(diagnostics)
+        out = {"source": jnp.zeros((1,) + geom.sino_shape), "target": jnp.ones((1,) + geom.sino_shape),
+               "dose": jnp.float32(dose)}  # no Poisson draws: they cost seconds of compile
+        if diagnostics:  # each diagnostic a constant sinogram of its index in DIAGNOSTICS
+            out.update({k: jnp.full((1,) + geom.sino_shape, float(i)) for i, k in enumerate(DIAGNOSTICS)})
+            out.update(normalisation=out["normalisation"][0], attenuation=out["attenuation"][0])
+        return out
+
+    on = sources.SimulatedSource("low_dose", GEOM, 4, simulate=with_diagnostics, physics=True, dose=0.25)
+    got = on.read_batch([0, 1])
+    assert calls == [True] and on.manifest_header()["options"] == {"dose": 0.25, "diagnostics": True}
+    expected = {"prompts": "source_prompts", "normalisation": "normalisation", "attenuation": "attenuation",
+                "scatter": "source_scatter", "randoms": "source_randoms", "target_prompts": "target_prompts",
+                "target_scatter": "target_scatter", "target_randoms": "target_randoms"}
+    assert set(expected) == set(sources.PHYSICS_FIELDS)
+    for name, key in expected.items():
+        np.testing.assert_array_equal(got[name], DIAGNOSTICS.index(key), err_msg=name)
+    assert got["prompts"].shape == (2, 1) + GEOM.sino_shape and got["normalisation"].shape == (2,) + GEOM.sino_shape
+    assert not set(got) & (set(DIAGNOSTICS) - set(expected))  # only the stable names
+    calls.clear()
+    off = sources.SimulatedSource("low_dose", GEOM, 4, simulate=with_diagnostics, dose=0.25).read_batch([0])
+    assert calls == [False] and not set(off) & set(sources.PHYSICS_FIELDS)
+
+
 # --- config ---------------------------------------------------------------------------------------------
 
 

@@ -206,6 +206,40 @@ def test_attenuation_factors_are_those_of_the_returned_mu(pairs):
     np.testing.assert_allclose(out["attenuation"], expected, rtol=1e-4, atol=1e-6)
 
 
+def test_scatter_and_randoms_rebuild_the_poisson_means(pairs):
+    """`mean = eta * (a * t + s + r)` for the source and target acquisition of every task, with `t` from
+    `target_clean` (times the dose for low_dose), and the totals equal to the simulator's own bookkeeping."""
+    for task, (out, _) in pairs.items():
+        eta, a = out["normalisation"][:, None], out["attenuation"][:, None]
+        t = out["target_clean"]
+        for side in ("source", "target"):
+            s, r, mean = out[f"{side}_scatter"], out[f"{side}_randoms"], out[f"{side}_mean"]
+            assert s.shape == r.shape == mean.shape == out[f"{side}_prompts"].shape, (task, side)
+            assert s.dtype == r.dtype == np.float32 and s.min() >= 0 and r.min() >= 0
+            assert (mean / eta - s - r).min() >= -1e-4 * mean.max(), (task, side)  # trues >= 0
+            if (task, side) == ("tracer_separation", "target"):  # each tracer's trues alone
+                assert not s.any() and not r.any()
+                continue
+            counts = out[f"{side}_counts"]  # (trues, scatter, randoms) detected, summed separately
+            np.testing.assert_allclose((eta * s).sum(axis=(1, 2, 3)), counts[:, 1], rtol=1e-4, atol=1e-3)
+            np.testing.assert_allclose((eta * r).sum(axis=(1, 2, 3)), counts[:, 2], rtol=1e-4, atol=1e-3)
+        source_trues = {"synthesis": 0.0 * t, "low_dose": out["dose"][:, None, None, None] * t,
+                        "attenuation_correction": t, "tracer_separation": t.sum(axis=1, keepdims=True)}
+        expected = {"target": t, "source": source_trues.get(task)}  # delayed/conversion: another frame
+        for side, trues in expected.items():
+            if trues is None:
+                continue
+            rebuilt = eta * (a * trues + out[f"{side}_scatter"] + out[f"{side}_randoms"])
+            np.testing.assert_allclose(out[f"{side}_mean"], rebuilt, rtol=1e-4, atol=1e-5 * rebuilt.max(),
+                                       err_msg=f"{task}/{side}")
+        # a = exp(-R(mu)) in physical units: project mu on the geometry with the phantom's pixel in mm.
+        for i in range(2):
+            mm = P.FOV_MM[S.REGIONS[out["prompt"][i, 1]]] / 64
+            physical = radon.Geometry((64, 64), GEOM.n_angles, GEOM.n_bins, pixel_size=mm, bin_spacing=mm)
+            np.testing.assert_allclose(out["attenuation"][i], radon.attenuation_factors(out["mu"][i], physical),
+                                       rtol=1e-4, atol=1e-6)
+
+
 def test_bad_inputs_name_the_valid_choices():
     key = jax.random.key(0)
     cases = [

@@ -127,6 +127,30 @@ def check_image(x, geom: Geometry, path, what: str = "image", allow_negative: bo
     return _check_values(x, path, what, "activity", allow_negative)
 
 
+def check_factor(x, geom: Geometry, path, what: str, upper: float | None = None) -> np.ndarray:
+    """`x` as float32 `(n_angles, n_bins)`: a per-bin factor (normalisation, attenuation), finite, >= 0 and,
+    with `upper`, at most `upper`."""
+    x = np.asarray(x)
+    if x.shape != geom.sino_shape:
+        raise DataFileError(
+            path, f"{what} has shape {x.shape}, expected (n_angles, n_bins) = {geom.sino_shape} (one factor per "
+            "bin, shared by the sinogram's channels)")
+    x = _check_values(x.astype(np.float32), path, what, "factors")
+    if upper is not None and x.max() > upper * (1 + 1e-6):
+        raise DataFileError(path, f"{what} has values up to {float(x.max()):.4g}, above {upper:g}; store the factors "
+                                  "themselves (attenuation: a = exp(-R mu) in (0, 1], not R mu or 1 / a)")
+    return x
+
+
+def read_optional(path, names) -> dict:
+    """The variables among `names` that a `.npz`/`.mat` file holds, as numpy arrays (absent ones left out;
+    `.npy` and NIfTI files hold one array and give `{}`)."""
+    if file_format(path) not in ("npz", "mat"):
+        return {}
+    present = set(list_variables(path))
+    return {name: read_array(path, name) for name in names if name in present}
+
+
 def read_nifti(path) -> np.ndarray:
     """A 2-D NIfTI image as float32 `(H, W)` in `radon`'s orientation (see the module docstring)."""
     image, _ = _read_nifti_with_spacing(path)

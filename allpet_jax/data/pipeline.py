@@ -208,6 +208,10 @@ def make_source(data, split: str, *, simulate: Callable | None = None, progress:
     - `data.source == 'files'`: `FileSource` over `data.path` (and `data.source_path`). If the path has
       `train`/`val`/`test` subfolders each split reads its own; otherwise the sorted files are cut into
       consecutive blocks of `n_train`, `n_val`, `n_test` files (fewer where the files run out).
+
+    With `data.physics` every sample also carries `sources.PHYSICS_FIELDS` (raw prompts, eta, a, scatter,
+    randoms; in counts, untouched by the normalisation): always from the simulator, and from files where
+    they hold those variables.
     """
     geom = geometry_from_config(data)
     if data.source == "files":
@@ -218,7 +222,7 @@ def make_source(data, split: str, *, simulate: Callable | None = None, progress:
     simulated = sources.SimulatedSource(
         data.task, geom, split_size(data, split), data.seed, split,
         cache_bytes=0 if data.cache_dir else 2 << 30,  # shards are the cache when cache_dir is set
-        simulate=simulate, **options,
+        simulate=simulate, physics=bool(data.get("physics", False)), **options,
     )
     if not data.cache_dir:
         return simulated
@@ -245,6 +249,7 @@ def _file_source(data, split: str, geom: Geometry):
         source_variable=data.source_variable or None,
         file_format=data.format,
         allow_negative=data.allow_negative,
+        physics=bool(data.get("physics", False)),
     )
     split_dir = os.path.join(data.path, split) if os.path.isdir(data.path) else ""
     if split_dir and os.path.isdir(split_dir):

@@ -18,7 +18,14 @@ With `diagnostics=True` also, for the acquisitions behind source and target: `so
 `target_counts` `(3,)`, their expected detected trues, scatter and randoms (what the realism numbers
 below are measured from); `source_prompts`, `target_prompts` `(C, n_angles, n_bins)`, the Poisson
 prompts (for `tracer_separation` targets: each tracer's true counts), and `source_mean`, `target_mean`
-their Poisson means; `normalisation` (`eta`) and `attenuation` (`a`), `(n_angles, n_bins)`.
+their Poisson means; `normalisation` (`eta`) and `attenuation` (`a`), `(n_angles, n_bins)`; and
+`source_scatter`, `source_randoms`, `target_scatter`, `target_randoms` `(C, n_angles, n_bins)`, the
+expected scatter `s` and randoms `r` of each acquisition in the units of the model below (before `eta`),
+so that `source_mean == eta * (a * t_src + source_scatter + source_randoms)` and likewise for the target,
+with `t_src = dose * target_clean` for `low_dose` and `t_src = target_clean` for `attenuation_correction`
+(the same acquisition). `synthesis` has no source acquisition (all zeros), and `tracer_separation`'s
+source is the mixture (`t_src = sum of target_clean`) while its target channels are each tracer's trues
+alone, whose scatter and randoms are zero.
 
 Sinogram convention: corrected counts
 -------------------------------------
@@ -158,6 +165,10 @@ _PAIR_DEFAULTS = {
                           "abdomen": ("11C-methionine", "11C-acetate"), "trunk": ("11C-methionine", "11C-acetate")},
 }
 _FDG = TRACERS.index("18F-FDG")
+
+DIAGNOSTICS = ("source_counts", "target_counts", "source_prompts", "target_prompts", "source_mean", "target_mean",
+               "normalisation", "attenuation", "source_scatter", "source_randoms", "target_scatter", "target_randoms")
+"""The keys `simulate_pair` adds with `diagnostics=True`."""
 
 _OPTIONS = ("region", "tracer", "dose", "counts", "scatter_fraction", "randoms_fraction", "lesions",
             "max_hot_lesions", "max_cold_lesions", "fov_mm", "resolution_mm", "supersample", "diagnostics")
@@ -492,6 +503,8 @@ def simulate_pair(key, task: str, geom: Geometry, **options) -> dict:
         target_clean, image = trues_free, activity
         src_counts = tgt_counts = totals(mixture, s, r)
         src_y, src_mean, tgt_y, tgt_mean = jnp.sum(y, 0)[None], jnp.sum(means, 0)[None], y[:2], means[:2]
+        src_bg = (s[None], r[None])
+        tgt_bg = (jnp.zeros_like(tgt_mean), jnp.zeros_like(tgt_mean))  # each tracer's trues alone
     else:
         s0, r0 = background(trues_att[0])
         acq = [trues_att[0] + s0 + r0]
@@ -512,6 +525,7 @@ def simulate_pair(key, task: str, geom: Geometry, **options) -> dict:
         tgt_counts = src_counts = totals(trues_att[0], s0, r0)
         target, target_clean, image = first, trues_free[:1], activity[:1]
         src, tgt = 0, 0
+        src_bg = tgt_bg = (s0[None], r0[None])
         if task == "synthesis":
             source, src_counts = jnp.zeros_like(first), jnp.zeros(3)
         elif task == "attenuation_correction":
@@ -519,13 +533,16 @@ def simulate_pair(key, task: str, geom: Geometry, **options) -> dict:
         elif task == "low_dose":
             source = corrected(y[1], sd, rd)[None] / dose
             src_counts, src = totals(ya, sd, rd), 1
+            src_bg = (sd[None], rd[None])
         else:  # delayed_frame, tracer_conversion
             source, target = first, corrected(y[1], s1, r1)[None]
             target_clean, image = trues_free[1:], activity[1:]
             tgt_counts, tgt = totals(trues_att[1], s1, r1), 1
+            tgt_bg = (s1[None], r1[None])
         src_y, src_mean, tgt_y, tgt_mean = y[src][None], means[src][None], y[tgt][None], means[tgt][None]
         if task == "synthesis":
             src_y, src_mean = jnp.zeros_like(src_y), jnp.zeros_like(src_mean)
+            src_bg = (jnp.zeros_like(src_mean), jnp.zeros_like(src_mean))
 
     n_tgt = target.shape[0]
     out = {
@@ -545,5 +562,6 @@ def simulate_pair(key, task: str, geom: Geometry, **options) -> dict:
             target_counts=tgt_counts.astype(jnp.float32),
             source_prompts=src_y, source_mean=src_mean, target_prompts=tgt_y, target_mean=tgt_mean,
             normalisation=eta, attenuation=att,
+            source_scatter=src_bg[0], source_randoms=src_bg[1], target_scatter=tgt_bg[0], target_randoms=tgt_bg[1],
         )
     return out

@@ -8,7 +8,23 @@ arrays:
 - `index` int64: the sample's index in its split, so later stages (e.g. RMAS masks) can derive per-sample
   randomness from `(seed, index)` alone;
 - from the simulator also `target_clean`, `image`, `mu`, `labels`, `prompt`, `dose` and `count_scale`
-  (see `simulate.py`; its sinograms are corrected counts, which can dip below zero bin by bin).
+  (see `simulate.py`; its sinograms are corrected counts, which can dip below zero bin by bin);
+- with `physics` (config `data.physics`), the raw data behind the corrected sinograms, `PHYSICS_FIELDS`
+  (below): from the simulator always, from users' `.npz`/`.mat` files where they hold these variables.
+
+Physics fields
+--------------
+The scanner model is `y ~ Poisson(eta * (a * t + s + r))` per bin (`simulate.py`); these fields hold its
+terms in counts, never normalised by the pipeline:
+
+- `prompts` `(C_src, n_angles, n_bins)`: the raw prompts `y` of the source acquisition (for `low_dose` the
+  low-dose acquisition: its mean is `eta * (a * dose * t + s + r)`, `t` the full-dose trues);
+- `normalisation` (`eta`) and `attenuation` (`a = exp(-R mu)`) `(n_angles, n_bins)`, shared by both
+  acquisitions;
+- `scatter`, `randoms` `(C_src, n_angles, n_bins)`: the expected `s` and `r` of the source acquisition;
+- `target_prompts`, `target_scatter`, `target_randoms` `(C_tgt, n_angles, n_bins)`: the same for the
+  target (full-dose) acquisition;
+- `dose` `()` (not in `PHYSICS_FIELDS`: the simulator always returns it): the source's dose fraction.
 
 Seeds and splits
 ----------------
@@ -50,6 +66,15 @@ from allpet_jax.data import loaders
 from radon import Geometry
 
 SPLITS = ("train", "val", "test")
+PHYSICS_FIELDS = ("prompts", "normalisation", "attenuation", "scatter", "randoms", "target_prompts", "target_scatter",
+                  "target_randoms")
+"""Raw-data fields of a sample with `physics` on (see "Physics fields" above); also the variable names
+read from users' `.npz`/`.mat` files."""
+_FACTOR_FIELDS = ("normalisation", "attenuation")  # (n_angles, n_bins); the other fields (C, n_angles, n_bins)
+_SIMULATOR_NAMES = {"prompts": "source_prompts", "normalisation": "normalisation", "attenuation": "attenuation",
+                    "scatter": "source_scatter", "randoms": "source_randoms", "target_prompts": "target_prompts",
+                    "target_scatter": "target_scatter", "target_randoms": "target_randoms"}
+
 MANIFEST = "manifest.json"
 SHARD_FORMAT = "allpet-jax-shards"
 SHARD_VERSION = 1
@@ -114,6 +139,8 @@ class SimulatedSource(_Source):
       cache_bytes: in-memory cache budget; 0 simulates every access afresh.
       device: a `jax.Device`, or a platform name ('cpu', 'gpu', ...); None keeps JAX's default device.
       simulate: the simulator, default `allpet_jax.data.simulate.simulate_pair` (an argument for tests).
+      physics: also return `PHYSICS_FIELDS` (simulated with `diagnostics=True`, which the options and so
+        the shard manifest record; the other diagnostics are left out). Off, nothing extra is computed.
       **options: passed to `simulate_pair`; must be JSON-serialisable so shards can record them.
     """
 
@@ -129,6 +156,7 @@ class SimulatedSource(_Source):
         cache_bytes: int = 2 << 30,
         device="cpu",
         simulate: Callable | None = None,
+        physics: bool = False,
         **options,
     ):
         import jax
@@ -139,7 +167,8 @@ class SimulatedSource(_Source):
             raise ValueError(f"n must be a non-negative number of samples; got {n!r}")
         _split_id(split)
         self.task, self.geom, self.seed, self.split = task, geom, int(seed), split
-        self.options = dict(options)
+        self.physics = bool(physics)
+        self.options = dict(options, diagnostics=True) if self.physics else dict(options)
         self.fields = None if fields is None else tuple(fields)
         self._length = int(n)
         self._device = jax.devices(device)[0] if isinstance(device, str) else device
@@ -166,6 +195,11 @@ class SimulatedSource(_Source):
 
         with jax.default_device(self._device) if self._device is not None else _nullcontext():
             out = jax.device_get(self._simulate(self._split_key, np.uint32(i)))
+        if self.physics:
+            from allpet_jax.data.simulate import DIAGNOSTICS
+
+            out = {k: v for k, v in out.items() if k not in DIAGNOSTICS} | {
+                name: out[key] for name, key in _SIMULATOR_NAMES.items()}
         keep = out.keys() if self.fields is None else self.fields
         return {k: np.asarray(out[k]) for k in keep}
 
@@ -549,6 +583,10 @@ class FileSource(_Source):
     NIfTI images are forward-projected with `geom` (see `loaders.load_sinogram`). Every array is checked
     against `geom` when it is read; a bad file raises `loaders.DataFileError` naming it.
 
+    With `physics`, the variables of `PHYSICS_FIELDS` (and `dose`) that the file holding the source (the
+    target file for target-only data) stores are read too (`read_physics`); absent ones are left out,
+    but every file of the source must hold the same ones.
+
     Args:
       target_files: files, a directory or a glob (see `list_files`).
       geom: the configured geometry.
@@ -556,6 +594,7 @@ class FileSource(_Source):
       prompt: optional `[tracer_id, region_id, task_id]` attached to every sample as int32 `prompt`.
       allow_negative: accept negative values (corrected sinograms; see `loaders`).
       cache_bytes: read samples are kept in memory up to this budget.
+      physics: also read the optional physics variables (config `data.physics`).
     """
 
     def __init__(
@@ -570,9 +609,11 @@ class FileSource(_Source):
         prompt: Sequence[int] | None = None,
         allow_negative: bool = False,
         cache_bytes: int = 2 << 30,
+        physics: bool = False,
     ):
         self.geom = geom
         self.allow_negative = bool(allow_negative)
+        self.physics = bool(physics)
         self.target_files = list_files(target_files, file_format)
         if source_variable is None:
             self.source_files = None
@@ -601,6 +642,12 @@ class FileSource(_Source):
     def read_batch(self, indices) -> dict:
         idx = self._check_indices(indices)
         samples = [self._cache.get_or_load(int(i), lambda i=int(i): self._read(i)) for i in idx]
+        for i, sample in zip(idx, samples):
+            if sample.keys() != samples[0].keys():
+                held = lambda s: sorted(set(PHYSICS_FIELDS) & s.keys())
+                raise loaders.DataFileError(
+                    self._physics_file(int(i)), f"holds the physics variables {held(sample)} but "
+                    f"{self._physics_file(int(idx[0]))} holds {held(samples[0])}; every file must hold the same ones")
         batch = {k: np.stack([s[k] for s in samples]) for k in (samples[0] if samples else ())}
         batch["index"] = idx
         return batch
@@ -612,7 +659,60 @@ class FileSource(_Source):
             sample["source"] = read(self.source_files[i], self.source_variable)
         if self.prompt is not None:
             sample["prompt"] = self.prompt
+        if self.physics:
+            source_channels = sample["source"].shape[0] if "source" in sample else None
+            sample.update(read_physics(self._physics_file(i), self.geom, source_channels, sample["target"].shape[0]))
         return sample
+
+    def _physics_file(self, i: int) -> str:
+        return (self.source_files or self.target_files)[i]
+
+
+def read_physics(path, geom: Geometry, source_channels: int | None, target_channels: int | None = None,
+                 n: int | None = None) -> dict:
+    """The `PHYSICS_FIELDS` and `dose` that the `.npz`/`.mat` file `path` holds, checked against `geom`.
+
+    Shapes as in "Physics fields" above; source-side sinograms must have `source_channels` channels and
+    `target_*` ones `target_channels` (None: not checked). With `n`, the file holds a stack of `n` samples
+    and every variable has a leading axis of `n` (`dose`: `(n,)` or one number for all). Absent variables
+    are left out; a wrong one raises `loaders.DataFileError` naming the file, the variable and the fix.
+    """
+    out = {}
+    for name, x in loaders.read_optional(path, PHYSICS_FIELDS + ("dose",)).items():
+        if name == "dose":
+            out[name] = _checked_dose(x, path, n)
+            continue
+        x = np.asarray(x)
+        if n is not None and (x.ndim < 3 or x.shape[0] != n):
+            raise loaders.DataFileError(
+                path, f"variable {name!r} has shape {x.shape}; the file holds a stack of {n} source sinograms, so "
+                f"each physics variable needs the same leading axis of {n}")
+        rows = [_checked_physics(name, row, geom, path, source_channels, target_channels)
+                for row in ([x] if n is None else x)]
+        out[name] = rows[0] if n is None else np.stack(rows)
+    return out
+
+
+def _checked_physics(name, x, geom, path, source_channels, target_channels):
+    what = f"variable {name!r}"
+    if name in _FACTOR_FIELDS:
+        return loaders.check_factor(x, geom, path, what, upper=1.0 if name == "attenuation" else None)
+    x = loaders.check_sinogram(x, geom, path, what)  # raw counts and expected backgrounds: never negative
+    side, channels = ("target", target_channels) if name.startswith("target_") else ("source", source_channels)
+    if channels is not None and x.shape[0] != channels:
+        raise loaders.DataFileError(path, f"{what} has {x.shape[0]} channel(s) but the {side} sinogram has {channels}; "
+                                          f"store {name} of the {side} acquisition, (n_angles, n_bins) per channel")
+    return x
+
+
+def _checked_dose(x, path, n):
+    x = np.asarray(x, np.float64).reshape(-1)
+    if x.size not in ((1,) if n is None else (1, n)) or not np.all(np.isfinite(x) & (x > 0) & (x <= 1)):
+        count = "one number" if n is None else f"one number or {n} (one per sinogram)"
+        shown = f"{x.tolist()[:4]}{'...' if x.size > 4 else ''}"
+        raise loaders.DataFileError(path, f"variable 'dose' is {shown}; it must be {count} in (0, 1], the fraction of "
+                                          "the full dose")
+    return np.float32(x[0]) if n is None else np.broadcast_to(x, (n,)).astype(np.float32)
 
 
 def take(source, indices: Iterable[int]):
