@@ -1,13 +1,14 @@
 """Train ALL-PET: the sinogram autoencoder, the RMAS foundation model, low-shot task fine-tuning, and
-the regression baseline the evaluation compares against.
+the regression baselines the evaluation compares against.
 
     python train.py --config configs/base.py:cpu --workdir workdir [--config.data.task=low_dose ...]
 
 Each stage in `config.train.stages` runs in `WORKDIR/<stage>`: mesh, data, model and optimiser,
 checkpoint manager (resuming from the latest checkpoint there), then the loop. A later stage reads the
 earlier stages' checkpoints: the U-Net stages freeze the autoencoder of `WORKDIR/autoencoder`, and the
-task stage starts from the U-Net of `WORKDIR/foundation` (the regressor starts from scratch). With no
-data path the simulator is the data (`allpet_jax/data/`).
+task stage starts from the U-Net of `WORKDIR/foundation` (the regressor starts from scratch). The
+pixel-space `pixel_regressor` needs no earlier stage. With no data path the simulator is the data
+(`allpet_jax/data/`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from allpet_jax.data import pipeline
-from allpet_jax.training import checkpointing, memory, runs, stages
+from allpet_jax.training import checkpointing, memory, pixel_regressor, runs, stages
 from allpet_jax.training import step as train_step
 from allpet_jax.training.metrics import MetricsWriter
 from allpet_jax.training.preview import save_grid
@@ -55,6 +56,8 @@ def build_stage(cfg, stage: str, workdir: str, example_batch, train_ds):
     A few training batches (read by a fresh iterator, so the training iterator and its checkpointed
     state are untouched) set the data-dependent starting points: the autoencoder's patch PCA, the
     latent scale and the residual scale."""
+    if stage == pixel_regressor.NAME:  # sinogram space: no autoencoder, no data-dependent scales
+        return pixel_regressor.pixel_regressor_stage(cfg, *channels_of(example_batch), cfg.seed)
     first = [step_batch(b) for _, b in zip(range(_INIT_BATCHES), iter(train_ds))]
     if stage == "autoencoder":
         init = {k: np.concatenate([b[k] for b in first]) for k in ("target", "source") if k in first[0]}

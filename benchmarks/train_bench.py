@@ -4,9 +4,11 @@
     python benchmarks/train_bench.py --presets default --time_default # also time the paper-scale step
 
 Each row builds the stage's real loss (autoencoder; foundation with RMAS triplets and the consistency
-term; task with TMA weights) with freshly initialised models, on random sinograms of the preset's
-geometry and global batch (`stages.random_batch`; the data pipeline has its own benchmark), maps the step
-over a mesh of `n` devices with `jax.shard_map` exactly as `train.py` does, and reports:
+term; task with TMA weights; the latent `regressor` through the frozen autoencoder; the sinogram-space
+`pixel_regressor`, whose presets are sized to the latent regressor's GFLOP/step) with freshly initialised
+models, on random sinograms of the preset's geometry and global batch (`stages.random_batch`; the data
+pipeline has its own benchmark), maps the step over a mesh of `n` devices with `jax.shard_map` exactly as
+`train.py` does, and reports:
 
 - `MiB/device`: XLA's memory analysis of the compiled step per device (arguments + outputs +
   temporaries), the number `--config.train.memory_budget_gb` is checked against;
@@ -34,7 +36,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from allpet_jax.training import memory, stages  # noqa: E402
+from allpet_jax.training import memory, pixel_regressor, stages  # noqa: E402
 from allpet_jax.training import step as S  # noqa: E402
 from configs import base  # noqa: E402
 
@@ -43,6 +45,8 @@ BUDGETS_GIB = (8.0,)  # --budgets_gib; 24 is the paper's GPU
 
 def build(cfg, stage: str):
     cfg.tma.enabled = stage == "task"
+    if stage == "pixel_regressor":
+        return pixel_regressor.pixel_regressor_stage(cfg, 1, 1, cfg.seed)
     ae = stages.autoencoder_stage(cfg, cfg.seed)
     if stage == "autoencoder":
         return ae
@@ -98,7 +102,7 @@ def bench(preset: str, stage: str, n_dev: int, steps: int, timed: bool, budgets=
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", default="smoke,cpu,default")
-    parser.add_argument("--stages", default="autoencoder,foundation,task")
+    parser.add_argument("--stages", default="autoencoder,foundation,task,regressor,pixel_regressor")
     parser.add_argument("--devices", default="1,2,4")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per row (median)")
     parser.add_argument("--time_default", action="store_true", help="also time the paper-scale preset")

@@ -52,6 +52,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     data.source_variable = "source"  # variable names in .npz/.mat files; '' = target-only data
     data.target_variable = "target"
     data.allow_negative = False  # True for corrected (randoms/scatter-subtracted) sinograms, which dip below 0
+    # Raw physics per sample (allpet_jax/data/sources.py PHYSICS_FIELDS), for Poisson guidance and clinical OSEM:
+    # prompts, normalisation, attenuation, scatter, randoms (source acquisition), target_prompts, target_scatter,
+    # target_randoms; simulated (diagnostics=True), or read from files' optional .npz/.mat variables of those
+    # names. Off for training: nothing extra is simulated or read.
+    data.physics = False
     # Normalisation: sinogram / scale; 0 = estimate from the training split (allpet_jax/data/pipeline.py).
     data.source_scale = 0.0
     data.target_scale = 0.0
@@ -63,7 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if preset == "cpu":
         data.image_size = data.n_angles = data.n_bins = 64
         data.pixel_size = data.bin_spacing = 8.0
-        data.n_train, data.n_val, data.n_test = 64, 16, 16
+        data.n_train, data.n_val, data.n_test = 64, 16, 256  # 256 test samples resolve ~0.3 dB (evaluate.py)
         data.batch_size = 8
         data.num_threads, data.prefetch = 2, 2
     elif preset == "smoke":
@@ -135,6 +140,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model.unet_res_blocks = 2
     model.attention_levels = (1, 2)
     model.num_heads = 4
+    # The pixel-space U-Net of the pixel_regressor stage (it shares unet_res_blocks and num_heads) runs on
+    # the sinogram, `factor` = 4 times the latent resolution per axis. Sized for the compute of a latent
+    # regressor step: log2(factor) = 2 more levels (its coarsest grid is the latent U-Net's), narrower
+    # widths, attention only at the coarsest level. GFLOP per train step at batch 16 (XLA's count,
+    # benchmarks/train_bench.py): 4268 here, 3731 for the latent regressor (25.5M vs 29.4M parameters);
+    # (32, 64, 128, 128, 128) would be 3249, (64, 128, 256, 256) with attention at 3 is 13225.
+    model.pixel_unet_channels = (32, 64, 128, 256, 256)
+    model.pixel_attention_levels = (4,)
 
     # --- diffusion (allpet_jax/diffusion/) ---------------------------------------------------------------
     config.diffusion = diffusion = ml_collections.ConfigDict()
@@ -153,9 +166,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # --- train (train.py, allpet_jax/training/) ----------------------------------------------------------
     config.train = train = ml_collections.ConfigDict()
-    # Run in order, each in WORKDIR/<stage>; 'regressor' is the deterministic baseline of the evaluation.
-    train.stages = "autoencoder,foundation,task,regressor"
-    train.steps = {"autoencoder": 20000, "foundation": 100000, "task": 20000, "regressor": 20000}
+    # Run in order, each in WORKDIR/<stage>; 'regressor' (latent) and 'pixel_regressor' (sinogram space, no
+    # autoencoder) are the deterministic baselines of the evaluation.
+    train.stages = "autoencoder,foundation,task,regressor,pixel_regressor"
+    train.steps = {"autoencoder": 20000, "foundation": 100000, "task": 20000, "regressor": 20000,
+                   "pixel_regressor": 20000}
     train.learning_rate = 1e-4
     train.warmup_steps = 1000
     train.weight_decay = 1e-4
@@ -175,10 +190,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         model.unet_channels = (32, 64)
         model.unet_res_blocks = 1
         model.attention_levels = (1,)
+        # GFLOP per train step at batch 8: 4.46 here, 4.5 for the latent regressor (287k vs 781k parameters);
+        # (16, 32, 64) with attention at 2 would be 19.5, (8, 16, 32) 5.46, (8, 16, 32, 64) 5.92.
+        model.pixel_unet_channels = (8, 16, 32, 32)
+        model.pixel_attention_levels = (3,)
         diffusion.val_steps = 20
         # The autoencoder starts from its patch PCA and levels off within ~100 steps; the task stage is
         # the cheap one (no triplets, no decoder in the loss), so it gets the most steps.
-        train.steps = {"autoencoder": 150, "foundation": 300, "task": 800, "regressor": 800}
+        train.steps = {"autoencoder": 150, "foundation": 300, "task": 800, "regressor": 800,
+                       "pixel_regressor": 800}
         train.learning_rate = 5e-4
         train.warmup_steps = 50
         train.ema_decay = 0.99
@@ -191,9 +211,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         model.unet_res_blocks = 1
         model.attention_levels = (1,)
         model.num_heads = 2
+        model.pixel_unet_channels = (8, 16)
+        model.pixel_attention_levels = (1,)
         diffusion.num_steps = 100
         diffusion.val_steps = 4
-        train.steps = {"autoencoder": 6, "foundation": 4, "task": 4, "regressor": 4}
+        train.steps = {"autoencoder": 6, "foundation": 4, "task": 4, "regressor": 4, "pixel_regressor": 4}
         train.learning_rate = 1e-3
         train.warmup_steps = 2
         train.ema_decay = 0.5

@@ -16,13 +16,15 @@ import ml_collections
 
 from allpet_jax.data import pipeline
 from allpet_jax.data.sources import geometry_to_dict
-from allpet_jax.training import checkpointing, stages
+from allpet_jax.training import checkpointing, pixel_regressor, stages
 from allpet_jax.training import step as train_step
+
+_TMA_STAGES = ("task", "regressor", "pixel_regressor")  # the stages that train on pairs with TMA when tma.enabled
 
 
 def stage_config(config, stage: str):
     """The config as this stage trains it: the foundation model learns synthesis on RMAS triplets; the
-    other stages read the task's pairs, and the task stage adds TMA when `tma.enabled`."""
+    other stages read the task's pairs, and the task stage and both regressors add TMA when `tma.enabled`."""
     cfg = config.copy_and_resolve_references()
     cfg.unlock()
     if stage == "foundation":
@@ -30,7 +32,7 @@ def stage_config(config, stage: str):
     if cfg.data.cache_dir:  # one shard cache per task, so the stages can share a cache root
         cfg.data.cache_dir = os.path.join(cfg.data.cache_dir, cfg.data.task)
     cfg.masks.enabled = stage == "foundation" and bool(config.masks.get("rmas", True))
-    cfg.tma.enabled = stage in ("task", "regressor") and config.tma.enabled  # TMA is a fine-tuning option
+    cfg.tma.enabled = stage in _TMA_STAGES and config.tma.enabled  # TMA is a fine-tuning option
     return cfg
 
 
@@ -41,9 +43,20 @@ def stage_meta(cfg, stage: str) -> dict:
         "stage": stage,
         "task": cfg.data.task,
         "geometry": geometry_to_dict(pipeline.geometry_from_config(cfg.data)),
-        "model": json.loads(cfg.model.to_json()),
+        "model": model_record(cfg.model, stage),
         "recipe": recipe(cfg, stage),
     }
+
+
+def model_record(model_cfg, stage: str) -> dict:
+    """The `config.model` fields recorded for `stage`: all of them, less the pixel regressor's own fields
+    for the other stages (they do not read them, and checkpoints written before those fields existed
+    must still resume and load)."""
+    record = json.loads(model_cfg.to_json())
+    if stage != pixel_regressor.NAME:
+        for field in pixel_regressor.CONFIG_FIELDS:
+            record.pop(field, None)
+    return record
 
 
 def recipe(cfg, stage: str) -> dict:
@@ -55,7 +68,7 @@ def recipe(cfg, stage: str) -> dict:
         out["diffusion"] = json.loads(cfg.diffusion.to_json())
     if stage == "foundation":
         out["masks"] = {k: v for k, v in json.loads(cfg.masks.to_json()).items() if k != "device"}
-    if stage in ("task", "regressor"):
+    if stage in _TMA_STAGES:
         out["tma"] = json.loads(cfg.tma.to_json())
     return out
 
@@ -114,8 +127,31 @@ class TrainedStage:
         return self.stage.generate(self.state.ema, self.state.frozen, batch, key, sampler, num_steps, eta, guidance)
 
 
-def load_trained(directory: str, step: int | None = None) -> TrainedStage:
-    """The stage trained in `directory` (a `WORKDIR/<stage>` with checkpoints), at `step` (default latest).
+def best_validated_step(directory: str, steps, metric: str, mode: str) -> int | None:
+    """Of the checkpointed `steps`, the one whose validation `metric` in `directory/metrics.jsonl` is best
+    (`mode` 'max' or 'min'; after a resume the last line logged for a step counts; lines that do not
+    parse, such as one cut short by a kill, are skipped). `None` when no checkpointed step was validated."""
+    path = os.path.join(directory, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    values = {}
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("split") == "val" and metric in record and record.get("step") in steps:
+                values[record["step"]] = float(record[metric])
+    if not values:
+        return None
+    return (max if mode == "max" else min)(values, key=values.get)
+
+
+def load_trained(directory: str, step: int | None = None, best: bool = False) -> TrainedStage:
+    """The stage trained in `directory` (a `WORKDIR/<stage>` with checkpoints), at `step` (default latest;
+    with `best`, the checkpoint with the best validation metric of the stage, `Stage.best_metric`, as
+    `metrics.jsonl` logged it: the choice the validation split makes, never the test split).
 
     Raises FileNotFoundError (with what to do) when there is no finished checkpoint there.
     """
@@ -127,19 +163,24 @@ def load_trained(directory: str, step: int | None = None) -> TrainedStage:
         )
     manager = checkpointing.make_manager(directory, keep_best=0)
     try:
-        step = manager.latest_step() if step is None else step
-        if step not in manager.all_steps():
+        latest = manager.latest_step()
+        if step is not None and step not in manager.all_steps():
             raise FileNotFoundError(f"no checkpoint at step {step} in {directory}; steps there: {manager.all_steps()}")
-        config_json, meta = checkpointing.read_config_and_meta(manager, step)
+        config_json, meta = checkpointing.read_config_and_meta(manager, latest if step is None else step)
         cfg = ml_collections.ConfigDict(config_json)
         name = meta["stage"]
-        ae = stages.autoencoder_stage(cfg, cfg.seed)
+        channels = meta.get("channels", {"target": 1, "source": 1})
         if name == "autoencoder":
-            stage_obj = ae
+            stage_obj = stages.autoencoder_stage(cfg, cfg.seed)
+        elif name == pixel_regressor.NAME:  # no autoencoder
+            stage_obj = pixel_regressor.pixel_regressor_stage(cfg, channels["target"], channels["source"], cfg.seed)
         else:
-            channels = meta.get("channels", {"target": 1, "source": 1})
+            ae = stages.autoencoder_stage(cfg, cfg.seed)
             stage_obj = stages.diffusion_stage(name, cfg, ae.graphdef, ae.params, 1.0, channels["target"],
                                                channels["source"], cfg.seed)
+        if step is None:
+            step = best_validated_step(directory, set(manager.all_steps()), *stage_obj.best_metric) if best else None
+            step = latest if step is None else step
         abstract = train_step.init_state(stage_obj.params, make_tx(cfg, name), cfg.seed, stage_obj.frozen)
         state = checkpointing.restore_state_only(manager, step, checkpointing.abstract(abstract))
     finally:

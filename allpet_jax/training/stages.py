@@ -7,6 +7,8 @@
   source latent (and the TMA map), with the diffusion loss weighted by `1 + alpha * A_sino`.
 - `regressor`: the evaluation's deterministic baseline, the same U-Net trained on the same pairs as a
   plain regression source -> target.
+- `pixel_regressor`: the evaluation's strong baseline, a U-Net on the sinograms themselves (no
+  autoencoder); it lives in `pixel_regressor.py` and uses the helpers here.
 
 Autoencoder channels: every sinogram channel is encoded on its own (channels fold into the batch), so
 one single-channel autoencoder serves 1-channel sources and 2-channel separation targets; a C-channel
@@ -42,7 +44,7 @@ from allpet_jax.diffusion.model_function import NNXDenoiser
 from allpet_jax.models.autoencoder import SinogramAutoencoder
 from allpet_jax.models.unet import LatentUNet, Prompt
 
-STAGES = ("autoencoder", "foundation", "task", "regressor")
+STAGES = ("autoencoder", "foundation", "task", "regressor", "pixel_regressor")
 
 
 @dataclasses.dataclass
@@ -250,10 +252,10 @@ SAMPLERS = {"diffusion": ("ddim", "ddpm"), "bridge": ("ddbm",), "regression": ("
 
 def objective_of(name: str, config) -> str:
     """`synthesis` (foundation), `diffusion` or `bridge` (task, `config.diffusion.task_objective`) or
-    `regression` (the deterministic `regressor` baseline)."""
+    `regression` (the deterministic baselines `regressor` and `pixel_regressor`)."""
     if name == "foundation":
         return "synthesis"
-    if name == "regressor":
+    if name in ("regressor", "pixel_regressor"):
         return "regression"
     objective = config.diffusion.get("task_objective", "diffusion")  # configs saved before it existed
     if objective not in ("diffusion", "bridge"):
@@ -378,9 +380,10 @@ def diffusion_stage(name: str, config, ae_graphdef, ae_params, latent_scale: flo
         """Sinograms `(B, C, n_angles, n_bins)` for `batch` (its `target` gives only the geometry and batch
         size; paired tasks read `source`). `sampler` defaults to the objective's first in `SAMPLERS`.
 
-        `guidance > 0` (DDIM on a `diffusion` task model) adds the Poisson data-consistency step of
-        `physics_guidance.py`; the batch must then carry `guide_counts` (measured low-dose counts
-        `(B, C, A, Bn)`) and `guide_scale` (`(B, 1, 1, 1)` counts per model unit)."""
+        `guidance > 0` (DDIM on a `diffusion` task model, or on the foundation model: the zero-pair arm)
+        adds the Poisson data-consistency step of `physics_guidance.py`; the batch must then carry
+        `guide_y` (raw low-dose prompts), `guide_gain` and `guide_background`, all `(B, C, A, Bn)` in
+        counts (`sampling.add_poisson_data`)."""
         sampler = sampler or SAMPLERS[objective if paired else "diffusion"][0]
         allowed = SAMPLERS[objective if paired else "diffusion"]
         if sampler not in allowed:
@@ -403,13 +406,13 @@ def diffusion_stage(name: str, config, ae_graphdef, ae_params, latent_scale: flo
         else:
             guide, data = None, None
             if guidance:
-                if objective != "diffusion" or "guide_counts" not in batch:
-                    raise ValueError("Poisson guidance needs a paired diffusion task model and measured counts "
-                                     "(guide_counts, guide_scale) in the batch")
+                fields = ("guide_y", "guide_gain", "guide_background")
+                if objective not in ("diffusion", "synthesis") or any(k not in batch for k in fields):
+                    raise ValueError("Poisson guidance needs a diffusion task model or the foundation model, and the "
+                                     f"likelihood's {fields} in the batch (sampling.add_poisson_data)")
                 guide = physics_guidance.make_poisson_guide(lambda x0: dec(frozen, from_model(frozen, batch, x0)),
                                                             schedule)
-                data = physics_guidance.PoissonData(batch["guide_counts"], batch["guide_scale"],
-                                                    jnp.asarray(guidance, jnp.float32))
+                data = physics_guidance.PoissonData(*(batch[k] for k in fields), jnp.asarray(guidance, jnp.float32))
             latent = ddim.ddim_sample(NNXDenoiser(graphdef), (p, kwargs), key, schedule, shape, num_steps=steps,
                                       eta=eta or 0.0, parameterization=param, clip_x0=clip_x0, guide=guide,
                                       guide_params=data)
@@ -468,7 +471,7 @@ def random_batch(config, stage: str, batch_size: int, seed: int = 0, step: int =
     if stage == "foundation":
         batch.update(sino_mask=mask, full=target, positive=mask[:, None] * target,
                      negative=(1 - mask[:, None]) * target)
-    if stage in ("task", "regressor") and config.tma.enabled:
+    if stage in ("task", "regressor", "pixel_regressor") and config.tma.enabled:
         batch["tma"] = mask
     return batch
 
