@@ -5,11 +5,16 @@
     python sample.py --workdir workdir --task synthesis --prompt tracer=FDG,region=brain --num_samples 4
     python sample.py --checkpoint workdir/task --task low_dose --sampler ddim --steps 50 --num_samples 8 --mat
     python sample.py --workdir workdir --task low_dose --guidance 0.1      # Poisson data consistency
+    python sample.py --workdir workdir --task low_dose --guidance 0.1 --input scan.npz --dose 0.1
 
 The stage comes from `--checkpoint` (a stage directory) or `--workdir` (`foundation` for synthesis,
-`task` otherwise; `--stage regressor` for the regression baseline). Paired tasks read `--input` (any
-format of `allpet_jax.data.loaders`, checked against the checkpoint's geometry) or, by default,
-`--n` samples of the simulator's held-out test split (which also gives targets, so error maps are drawn).
+`task` otherwise; `--stage regressor` or `--stage pixel_regressor` for the regression baselines, whose
+only sampler is `direct`). Paired tasks read `--input` (any format of `allpet_jax.data.loaders`, checked
+against the checkpoint's geometry) or, by default, `--n` samples of the simulator's held-out test split
+(which also gives targets, so error maps are drawn). `--guidance` needs the raw prompts and physics of
+each input (`allpet_jax.data.sources.PHYSICS_FIELDS`): the simulator provides them; an `--input`
+`.npz`/`.mat` file must hold them as variables `prompts`, `normalisation`, `attenuation`, `scatter`,
+`randoms` and `dose` (or pass `--dose`).
 
 Writes to `--out` (default `WORKDIR/samples/<task>`): `outputs.npz` (`output` `(K, N, C, A, B)` in
 counts, `source`, `target`, FBP and OSEM images, and for K > 1 the per-pixel `mean` and `std` over the
@@ -32,7 +37,8 @@ from allpet_jax import plots, sampling
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "", "training run directory (holds autoencoder/, foundation/, task/, ...)")
 flags.DEFINE_string("checkpoint", "", "a stage directory (WORKDIR/<stage>) instead of --workdir")
-flags.DEFINE_string("stage", "", "stage under --workdir: default foundation (synthesis) or task; 'regressor'")
+flags.DEFINE_string("stage", "", "stage under --workdir: default foundation (synthesis) or task; 'regressor' or "
+                                  "'pixel_regressor'")
 flags.DEFINE_string("task", "low_dose", "the task; must be the one the checkpoint was trained for")
 flags.DEFINE_string("input", "", "source sinogram file(s): .npy/.npz/.mat/NIfTI; default: the simulator's test split")
 flags.DEFINE_string("source_variable", "", "variable name inside .npz/.mat inputs (default: the only/'source' one)")
@@ -50,8 +56,10 @@ flags.DEFINE_string("roi", "", "JSON file of clinician ROIs for TMA (models trai
 flags.DEFINE_integer("num_samples", 1, "K samples per input; K > 1 also writes mean and std (uncertainty)")
 flags.DEFINE_integer("seed", 0, "sampling seed")
 flags.DEFINE_bool("mat", False, "also write outputs.mat")
-flags.DEFINE_float("guidance", 0.0, "low_dose: Poisson data-consistency step during DDIM (0 = off; try 0.05-0.2)")
-flags.DEFINE_float("dose", 0.0, "low_dose with --input and --guidance: the source's dose fraction")
+flags.DEFINE_float("guidance", 0.0, "low_dose: Poisson likelihood step on the raw prompts during DDIM (0 = off; "
+                                    "try 0.05-0.2)")
+flags.DEFINE_float("dose", 0.0, "low_dose with --input and --guidance: the source's dose fraction (default: the "
+                                "file's 'dose' variable)")
 
 
 def main(argv):
@@ -63,14 +71,18 @@ def main(argv):
     synthesis = FLAGS.task == "synthesis"
     if (FLAGS.n_angles or FLAGS.n_bins) and not synthesis:
         raise app.UsageError("--n_angles/--n_bins set the geometry of synthesis; paired tasks keep the input's")
+    if FLAGS.dose and not (FLAGS.input and FLAGS.guidance):
+        raise app.UsageError("--dose gives the dose fraction of --input files for --guidance; the simulator knows "
+                             "each sample's own")
     geom = sampling.geometry_of(trained, FLAGS.n_angles, FLAGS.n_bins)
 
     if synthesis:
         inputs = sampling.synthesis_inputs(trained, FLAGS.n, sampling.parse_prompt(FLAGS.prompt), geom)
     elif FLAGS.input:
-        inputs = sampling.file_inputs(trained, FLAGS.input, FLAGS.source_variable, FLAGS.prompt)
+        inputs = sampling.file_inputs(trained, FLAGS.input, FLAGS.source_variable, FLAGS.prompt,
+                                      physics=bool(FLAGS.guidance))
     else:
-        inputs = sampling.simulated_inputs(trained, FLAGS.n)
+        inputs = sampling.simulated_inputs(trained, FLAGS.n, physics=bool(FLAGS.guidance))
     batch = sampling.model_batch(trained, inputs, FLAGS.roi)
     if FLAGS.guidance:
         batch = sampling.add_poisson_data(trained, batch, inputs, FLAGS.dose or None)

@@ -5,10 +5,15 @@
 - Inputs: `simulated_inputs` reads a split of the simulator with the checkpoint's data config (the
   held-out `test` split by default; its seeds never overlap training, see `data/sources.py`);
   `file_inputs` reads users' files with the loaders' checks (shape, finite, non-negative);
-  `synthesis_inputs` builds prompts and a geometry for synthesis.
+  `synthesis_inputs` builds prompts and a geometry for synthesis. With `physics=True` both also give
+  the raw data `sources.PHYSICS_FIELDS` (prompts, eta, a, scatter, randoms) that guidance and clinical
+  OSEM need.
+- `add_poisson_data`: the Poisson likelihood of the raw low-dose prompts for guided sampling, for a
+  `low_dose` model or the foundation model (the zero-pair arm).
 - `generate`: `K` samples per input, in chunks of the training batch size (one compiled program),
   returned in counts (the training normalisation undone).
-- `reconstruct`: FBP and OSEM of sinograms in counts.
+- `reconstruct`: FBP and OSEM of (corrected) sinograms in counts; `clinical_osem`: OSEM of the raw
+  prompts with the full scanner model, the clinical image baseline.
 - `write_outputs`: `.npz` (and `.mat`) plus figures, written into a fresh temporary directory that is
   renamed into place only when everything is written, so a failed run leaves nothing half-written.
 
@@ -27,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import radon
-from allpet_jax.data import loaders, pipeline
+from allpet_jax.data import loaders, pipeline, sources
 from allpet_jax.data.kinetics import TRACERS
 from allpet_jax.data.phantoms import REGIONS
 from allpet_jax.data.simulate import TASKS
@@ -37,15 +42,17 @@ STAGE_OF_TASK = {"synthesis": "foundation"}
 """The stage directory that serves a task (`task` for every paired task)."""
 
 
-def load_for_task(task: str, workdir: str = "", checkpoint: str = "", stage: str = "") -> runs.TrainedStage:
+def load_for_task(task: str, workdir: str = "", checkpoint: str = "", stage: str = "",
+                  best: bool = False) -> runs.TrainedStage:
     """The trained stage that runs `task`: `checkpoint` (a stage directory) if given, else
-    `workdir/<stage>` with `stage` defaulting to `foundation` for synthesis and `task` otherwise."""
+    `workdir/<stage>` with `stage` defaulting to `foundation` for synthesis and `task` otherwise; with `best`,
+    its checkpoint with the best validation metric instead of the latest (`runs.load_trained`)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
     if not (workdir or checkpoint):
         raise ValueError("give --workdir (a training run) or --checkpoint (a stage directory)")
     directory = checkpoint or os.path.join(workdir, stage or STAGE_OF_TASK.get(task, "task"))
-    trained = runs.load_trained(directory)
+    trained = runs.load_trained(directory, best=best)
     if trained.name == "autoencoder":
         raise checkpointing.CheckpointMismatchError(
             f"{directory} holds the autoencoder stage, which does not generate; pass a foundation, task or "
@@ -65,11 +72,16 @@ def geometry_of(trained: runs.TrainedStage, n_angles: int = 0, n_bins: int = 0) 
     return pipeline.geometry_from_config(data)
 
 
-def simulated_inputs(trained: runs.TrainedStage, n: int, split: str = "test", start: int = 0) -> dict:
-    """Samples `start .. start + n - 1` of a simulated split with the checkpoint's data config, in counts."""
+def simulated_inputs(trained: runs.TrainedStage, n: int, split: str = "test", start: int = 0, *,
+                     physics: bool = False) -> dict:
+    """Samples `start .. start + n - 1` of a simulated split with the checkpoint's data config, in counts;
+    with `physics`, also `sources.PHYSICS_FIELDS` (the config's `data.physics` is set on a copy)."""
     data = trained.config.data.copy_and_resolve_references()
     data.cache_dir = ""
     data.source = "simulated"
+    data.physics = bool(physics)
+    if split == "test":  # sample i is a pure function of (seed, 'test', i): the split extends as far as asked
+        data.n_test = max(int(data.n_test), start + n)
     size = pipeline.split_size(data, split)
     if not 1 <= n or start + n > size:
         raise ValueError(f"the {split} split has {size} samples; asked for {n} from {start}")
@@ -77,10 +89,13 @@ def simulated_inputs(trained: runs.TrainedStage, n: int, split: str = "test", st
     return {k: np.asarray(v) for k, v in source.read_batch(list(range(start, start + n))).items()}
 
 
-def file_inputs(trained: runs.TrainedStage, path: str, variable: str = "", prompt: str = "") -> dict:
+def file_inputs(trained: runs.TrainedStage, path: str, variable: str = "", prompt: str = "", *,
+                physics: bool = False) -> dict:
     """Source sinograms from a file (any loader format) checked against the checkpoint's geometry: one
     sinogram `(C, A, B)` / `(A, B)` or a stack `(N, C, A, B)` (a NIfTI image is forward-projected);
-    finite; non-negative unless the run was trained with `data.allow_negative`."""
+    finite; non-negative unless the run was trained with `data.allow_negative`. With `physics`, also the
+    variables of `sources.PHYSICS_FIELDS` and `dose` that a `.npz`/`.mat` file holds (`sources.read_physics`;
+    for a stack, each with the same leading axis `N`); absent ones are left out."""
     geom = geometry_of(trained)
     allow_negative = bool(trained.config.data.get("allow_negative", False))
     if loaders.file_format(path) == "nifti":  # an image: checked and forward-projected by the loader
@@ -94,7 +109,13 @@ def file_inputs(trained: runs.TrainedStage, path: str, variable: str = "", promp
         raise loaders.DataFileError(path, f"source sinogram has {source.shape[1]} channel(s); the {trained.meta['task']} "
                                           f"model expects {channels}")
     ids = parse_prompt(prompt, trained.meta["task"])
-    return {"source": source, "prompt": np.tile(ids[None], (source.shape[0], 1))}
+    inputs = {"source": source, "prompt": np.tile(ids[None], (source.shape[0], 1))}
+    if physics and loaders.file_format(path) != "nifti":
+        target_channels = trained.meta.get("channels", {}).get("target", 1)
+        stacked = raw.ndim == 4
+        found = sources.read_physics(path, geom, channels, target_channels, n=source.shape[0] if stacked else None)
+        inputs.update({k: v if stacked else np.asarray(v)[None] for k, v in found.items()})
+    return inputs
 
 
 def parse_prompt(text: str, task: str = "synthesis") -> np.ndarray:
@@ -162,39 +183,88 @@ def _compiled_generate(stage_generate, sampler, num_steps, eta, guidance):
     return jax.jit(lambda p, fz, b, k: stage_generate(p, fz, b, k, sampler, num_steps, eta, guidance))
 
 
+GUIDANCE_FIELDS = ("prompts", "normalisation", "attenuation", "scatter", "randoms", "dose")
+"""What `add_poisson_data` reads from the inputs (see `sources.PHYSICS_FIELDS`)."""
+
+
 def add_poisson_data(trained: runs.TrainedStage, batch: dict, inputs: dict, dose=None) -> dict:
-    """`batch` plus what the Poisson guidance reads: the measured low-dose counts `dose * source` (the
-    simulator's low-dose source is dose-normalised; clipped at 0) and counts per model unit
-    `dose * target_scale`. `dose`: per-sample fractions, default the inputs' `dose` field."""
-    if trained.meta["task"] != "low_dose":
-        raise ValueError(f"Poisson guidance is for low_dose, whose source measures the target at a lower dose; "
-                         f"the checkpoint's task is {trained.meta['task']!r}")
-    dose = inputs.get("dose") if dose is None else dose
-    if dose is None:
-        raise ValueError("Poisson guidance needs the dose fraction of each input (--dose for files)")
+    """`batch` plus the Poisson likelihood of the raw low-dose prompts that guided sampling reads
+    (`diffusion/physics_guidance.py`): with the inputs' physics fields (`GUIDANCE_FIELDS`),
+
+        guide_y = prompts                                   (B, C, A, Bn)  raw low-dose prompts y
+        guide_gain = eta * a * dose * target_scale          (B, C, A, Bn)  counts per model unit
+        guide_background = eta * (scatter + randoms)        (B, C, A, Bn)  expected background prompts
+
+    so `lambda = guide_gain * decoded + guide_background = eta * (a * dose * t_hat + s + r)` with
+    `t_hat = target_scale * decoded` the full-dose trues in counts. `trained` is a `low_dose` task model,
+    or the foundation (`synthesis`) model: the zero-pair arm, the foundation prior guided by low-dose
+    prompts with no paired training (its own `target_scale` applies, and prompts carrying the `low_dose`
+    task id get the `synthesis` id it was trained with). `dose`: per-sample fractions, overriding the
+    inputs' `dose`. Missing physics raise one `ValueError` naming them and how to provide them.
+    """
+    task = trained.meta["task"]
+    if task not in ("low_dose", "synthesis"):
+        raise ValueError(f"Poisson guidance is for low_dose data, with a low_dose model or the foundation (synthesis) "
+                         f"model (the zero-pair arm); the checkpoint's task is {task!r}")
+    low_dose = TASKS.index("low_dose")
+    if "prompt" in inputs:
+        ids = np.asarray(inputs["prompt"])[:, 2]
+        other = sorted({TASKS[i] for i in ids.tolist() if i < len(TASKS) and i != low_dose})
+        if other:
+            raise ValueError(f"Poisson guidance measures low-dose prompts; these inputs are of task(s) {other} "
+                             "(simulate them with a low_dose model's config: simulated_inputs(low_dose_model, n, "
+                             "physics=True))")
+    given = dict(inputs, dose=inputs.get("dose") if dose is None else dose)
+    missing = [k for k in GUIDANCE_FIELDS if given.get(k) is None]
+    if missing:
+        raise ValueError(
+            "Poisson guidance needs the raw prompts and the physics factors of each input; missing: "
+            f"{', '.join(missing)} (add them to the input .npz/.mat file as variables of those names, shaped as "
+            "sources.PHYSICS_FIELDS documents, with the dose fraction as 'dose' or --dose; or use the simulator "
+            "with data.physics: simulated_inputs(..., physics=True))")
     n = batch["prompt"].shape[0]
-    dose = np.broadcast_to(np.asarray(dose, np.float32).reshape(-1), (n,)).reshape(n, 1, 1, 1)
-    counts = np.maximum(np.asarray(inputs["source"], np.float32), 0.0) * dose
-    scale = dose * np.float32(trained.normalisation.target_scale)
-    return dict(batch, guide_counts=counts.astype(np.float32), guide_scale=scale.astype(np.float32))
+    y = np.asarray(given["prompts"], np.float32)
+    channels = trained.meta.get("channels", {}).get("target", 1)
+    if y.ndim != 4 or y.shape[0] != n or y.shape[1] != channels:
+        raise ValueError(f"prompts have shape {y.shape}; expected (N, C, A, B) = ({n}, {channels}, ...) for the batch "
+                         f"of {n} inputs and the {task} model's {channels} channel(s)")
+    factor = lambda name: np.asarray(given[name], np.float32).reshape((n, 1) + y.shape[2:])
+    eta = factor("normalisation")
+    d = np.broadcast_to(np.asarray(given["dose"], np.float32).reshape(-1), (n,)).reshape(n, 1, 1, 1)
+    gain = eta * factor("attenuation") * d * np.float32(trained.normalisation.target_scale)
+    background = eta * (np.asarray(given["scatter"], np.float32) + np.asarray(given["randoms"], np.float32))
+    out = dict(batch, guide_y=y, guide_gain=np.broadcast_to(gain, y.shape).astype(np.float32),
+               guide_background=np.broadcast_to(background, y.shape).astype(np.float32))
+    if task == "synthesis":
+        prompt = np.array(batch["prompt"], np.int32)
+        prompt[prompt[:, 2] == low_dose, 2] = TASKS.index("synthesis")
+        out["prompt"] = prompt
+    return out
 
 
 def generate(trained: runs.TrainedStage, batch: dict, key, *, sampler: str | None = None, num_steps: int | None = None,
-             eta: float | None = None, num_samples: int = 1, chunk: int = 0, guidance: float = 0.0) -> np.ndarray:
+             eta: float | None = None, num_samples: int = 1, chunk: int = 0, guidance: float = 0.0,
+             progress: str = "") -> np.ndarray:
     """`(num_samples, N, C, A, B)` sinograms in counts. Sample `k` of the chunk starting at input `lo`
-    uses `fold_in(fold_in(key, k), lo)`: the same key, inputs and `chunk` reproduce the same samples."""
+    uses `fold_in(fold_in(key, k), lo)`: the same key, inputs and `chunk` reproduce the same samples.
+    A non-empty `progress` shows a tqdm bar over the sinograms, with that description."""
+    from tqdm import tqdm
+
     n = batch["prompt"].shape[0]
     chunk = chunk or int(trained.config.data.batch_size)
     fn = _compiled_generate(trained.stage.generate, sampler, num_steps, eta, guidance)
     outs = []
-    for k in range(num_samples):
-        parts = []
-        for lo in range(0, n, chunk):
-            idx = np.arange(lo, lo + chunk).clip(max=n - 1)  # pad the last chunk: one compiled shape
-            sub = {f: jnp.asarray(v[idx]) for f, v in batch.items()}
-            out = fn(trained.state.ema, trained.state.frozen, sub, jax.random.fold_in(jax.random.fold_in(key, k), lo))
-            parts.append(np.asarray(out)[: min(chunk, n - lo)])
-        outs.append(np.concatenate(parts))
+    with tqdm(total=num_samples * n, desc=progress, unit="sino", disable=not progress, leave=True) as bar:
+        for k in range(num_samples):
+            parts = []
+            for lo in range(0, n, chunk):
+                idx = np.arange(lo, lo + chunk).clip(max=n - 1)  # pad the last chunk: one compiled shape
+                sub = {f: jnp.asarray(v[idx]) for f, v in batch.items()}
+                out = fn(trained.state.ema, trained.state.frozen, sub,
+                         jax.random.fold_in(jax.random.fold_in(key, k), lo))
+                parts.append(np.asarray(out)[: min(chunk, n - lo)])
+                bar.update(parts[-1].shape[0])
+            outs.append(np.concatenate(parts))
     return np.stack(outs) * np.float32(trained.normalisation.target_scale)
 
 
@@ -205,6 +275,35 @@ def reconstruct(sino, geom: radon.Geometry, fbp_filter: str = "hann", osem_iter:
     subsets = min(osem_subsets, geom.n_angles)
     return {"fbp": np.asarray(radon.fbp(sino, geom, filter=fbp_filter)),
             "osem": np.asarray(radon.osem(jnp.maximum(sino, 0.0), geom, n_iter=osem_iter, n_subsets=subsets))}
+
+
+def clinical_osem(prompts, geom: radon.Geometry, *, normalisation, attenuation, scatter, randoms, n_iter: int = 4,
+                  n_subsets: int = 8) -> np.ndarray:
+    """OSEM of raw prompts with the full scanner model: the clinical image baseline (DESIGN.md 2.7).
+
+    Runs `radon.osem` on `y ~ Poisson(eta * a * R(x) + eta * (s + r))`: multiplicative factors `eta * a`
+    and additive background `eta * (s + r)`, no clipping and no pre-correction of the data.
+
+    Args:
+      prompts: raw prompts `(..., C, n_angles, n_bins)` (e.g. the `prompts` physics field).
+      normalisation, attenuation: `eta`, `a` `(..., n_angles, n_bins)`, shared by the channels (or with the
+        channel axis, like `prompts`).
+      scatter, randoms: expected `s`, `r` like `prompts`, before `eta` (the simulator's units).
+      n_iter, n_subsets: OSEM passes and angle subsets (at most `n_angles`).
+
+    Returns:
+      `(..., C, H, W)`: activity x count scale, i.e. `R(x)` matches the trues in counts. For the simulator's
+      data divide by `count_scale * dose` to get kBq/mL (the source acquisition of `low_dose` has `dose`
+      times the full-dose counts; elsewhere `dose` is 1). The detector blur is not modelled, as in
+      `reconstruct`.
+    """
+    y = jnp.asarray(prompts, jnp.float32)
+    eta, a = (jnp.asarray(v, jnp.float32) for v in (normalisation, attenuation))
+    if y.ndim >= 3 and eta.ndim == y.ndim - 1:  # one factor map for the channels
+        eta, a = eta[..., None, :, :], a[..., None, :, :]
+    background = eta * (jnp.asarray(scatter, jnp.float32) + jnp.asarray(randoms, jnp.float32))
+    return np.asarray(radon.osem(y, geom, n_iter, min(n_subsets, geom.n_angles), attenuation=a, normalisation=eta,
+                                 background=background))
 
 
 def write_outputs(out_dir: str, arrays: dict, *, mat: bool = False, figures=(), overwrite: bool = False) -> str:

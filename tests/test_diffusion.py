@@ -192,3 +192,77 @@ def test_drop_ids_rate():
     dropped = guidance.drop_ids(key(7), ids, 0.1, null_id=9)
     assert set(np.unique(dropped)) == {0, 9}
     assert abs(float(jnp.mean(dropped == 9)) - 0.1) < 0.01
+
+
+# --- Poisson guidance on raw prompts (physics_guidance.py) ---
+
+
+def _poisson_case(rng, B=2, latent=(2, 3, 2), sino=(1, 4, 5)):
+    """A toy linear "decoder" `x0 -> x0 W + b` (positive for small latents) and positive gain and background."""
+    n_in, n_out = int(np.prod(latent)), int(np.prod(sino))
+    W, b = rng.normal(size=(n_in, n_out)), rng.uniform(1.0, 2.0, n_out)
+
+    def decode(x0):
+        return (x0.reshape(x0.shape[0], -1) @ W + b).reshape((x0.shape[0],) + sino)
+
+    gain = rng.uniform(0.5, 2.0, (B,) + sino)
+    background = rng.uniform(0.1, 1.0, (B,) + sino)
+    x0 = 0.1 * rng.normal(size=(B,) + latent)
+    return decode, W, gain, background, x0
+
+
+def test_poisson_nll_gradient_matches_finite_differences_and_the_analytic_form():
+    from allpet_jax.diffusion import physics_guidance as pg
+
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        decode, W, gain, background, x0 = _poisson_case(rng)
+        y = rng.poisson(5.0, gain.shape).astype(np.float64)
+        data = pg.PoissonData(jnp.asarray(y), jnp.asarray(gain), jnp.asarray(background), jnp.asarray(0.3))
+
+        @jax.jit
+        def nll(x):
+            return jnp.sum(pg.poisson_nll(pg.expected_prompts(data, decode(x)), data.y))
+
+        grad = np.asarray(jax.grad(nll)(jnp.asarray(x0)))
+        lam = gain * decode(x0) + background
+        assert lam.min() > pg.LAMBDA_FLOOR  # the floor is inactive: the NLL is smooth here
+        analytic = ((gain * (1.0 - y / lam)).reshape(2, -1) @ W.T).reshape(x0.shape)  # W^T gain (1 - y / lambda)
+        np.testing.assert_allclose(grad, analytic, rtol=1e-10, atol=1e-12)
+        eps = 1e-6
+        for i in range(x0.size):
+            e = np.zeros(x0.size)
+            e[i] = eps
+            e = e.reshape(x0.shape)
+            numeric = (float(nll(x0 + e)) - float(nll(x0 - e))) / (2 * eps)
+            assert numeric == pytest.approx(grad.ravel()[i], rel=1e-6, abs=1e-7)
+        # The guide takes the normalised step scale * sqrt(1 - alpha_bar_t) * g / rms(g), per sample.
+        schedule = schedules.cosine_schedule(100)
+        t = jnp.array([10, 90])
+        stepped = np.asarray(pg.make_poisson_guide(decode, schedule)(data, jnp.asarray(x0), t))
+        rms = np.sqrt(np.mean(analytic**2, axis=(1, 2, 3), keepdims=True))
+        noise = np.sqrt(1.0 - np.asarray(schedule.alpha_bar)[np.asarray(t)]).reshape(2, 1, 1, 1)
+        np.testing.assert_allclose(stepped, x0 - 0.3 * noise * analytic / rms, rtol=1e-6, atol=1e-9)
+
+
+def test_poisson_nll_is_minimal_where_the_expected_prompts_equal_the_data():
+    from allpet_jax.diffusion import physics_guidance as pg
+
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(1)
+        decode, _, gain, background, x_star = _poisson_case(rng)
+        y = gain * decode(x_star) + background  # reachable: lambda(x*) == y
+        data = pg.PoissonData(jnp.asarray(y), jnp.asarray(gain), jnp.asarray(background), jnp.asarray(0.3))
+
+        def nll(x):
+            return float(jnp.sum(pg.poisson_nll(pg.expected_prompts(data, decode(x)), data.y)))
+
+        grad = np.asarray(jax.grad(lambda x: jnp.sum(pg.poisson_nll(pg.expected_prompts(data, decode(x)), data.y)))(
+            jnp.asarray(x_star)))
+        assert np.abs(grad).max() < 1e-10
+        best = nll(x_star)
+        for _ in range(5):
+            assert nll(x_star + 0.01 * rng.normal(size=x_star.shape)) > best
+        guide = pg.make_poisson_guide(decode, schedules.cosine_schedule(100))
+        step = guide(data, jnp.asarray(x_star), jnp.array([50, 50]))
+        np.testing.assert_allclose(np.asarray(step), x_star, atol=1e-9)  # nothing to correct
