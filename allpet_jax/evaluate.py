@@ -1,26 +1,52 @@
-"""Score a trained task on the simulator's held-out test split against baselines; Markdown table + JSON.
+"""Score a trained task on the simulator's held-out test split: against the truth, with ceilings, strong
+baselines, paired confidence intervals and posterior quality; Markdown tables + JSON.
 
-    python -m allpet_jax.evaluate --workdir workdir --task low_dose [--n 16] [--steps 50] [--num_samples 1]
+    python -m allpet_jax.evaluate --workdir workdir --task low_dose [--n 256] [--steps 50] [--num_samples 16]
+                                  [--guidance 0.2,0.5]
 
 The test split is simulated with the checkpoint's data config; its keys branch off the seed on a
 different `fold_in` than training and validation, so no test sample is ever a training sample
-(`data/sources.py`).
+(`data/sources.py`), and its size is not bound to the training config's `n_test`: sample `i` is a pure
+function of `(seed, 'test', i)`.
 
-Paired tasks, one row per method (all in target units: the source enters as `source * target_scale /
-source_scale`, which is how the model sees it):
+**What is scored against what** (DESIGN.md 2.7). Sinograms against `target_clean`, the noise-free
+expectation of the target that the simulator knows; images (FBP and OSEM of each sinogram, divided by the
+simulator's `count_scale`) against the true activity `image`. Against the *noisy* target, which is kept
+as a secondary column, even a perfect single posterior sample (the clean sinogram plus an independent
+noise draw) loses about 3 dB to any mean estimate. Two ceilings head every table:
+
+- `ceiling: noisy target`: the full-dose target itself, i.e. what a perfect single sample can reach;
+- `ceiling: autoencoder D(E(clean))`: the clean target through the task model's autoencoder, the best
+  any latent model can do.
+
+**Methods** (all in target units; baselines tuned on the validation split only):
 
 - `identity`: the source itself (matched to the target's channels);
-- `FBP + Gaussian`, `OSEM + Gaussian`: the source reconstructed and post-filtered with the Gaussian
-  whose width maximised image PSNR on the validation split (image-space only);
-- `regressor`: the deterministic U-Net of `WORKDIR/regressor`, trained on the same pairs (if trained);
-- `ALL-PET (<sampler>)`: the task model, sampled `--num_samples` times (metrics of the first sample
-  and, for K > 1, of the mean); with `--guidance` also with the Poisson data-consistency step
-  (`diffusion/physics_guidance.py`, low_dose) at each listed scale;
-- `target (reference)`: the full-dose target itself, scored in image space against the truth.
+- `source: FBP / clinical OSEM + Gaussian (val-tuned)` (image space only): the source
+  reconstructed, and post-filtered with the Gaussian width that maximised image PSNR on validation;
+  clinical OSEM runs on the raw prompts with the full model (normalisation, attenuation, randoms and
+  scatter: `sampling.clinical_osem`);
+- `pixel U-Net regressor` (`WORKDIR/pixel_regressor`): source sinogram -> target sinogram, no autoencoder;
+- `latent U-Net regressor` (`WORKDIR/regressor`): the same pairs through the autoencoder;
+- `ALL-PET (<sampler> <steps>)`: the task model, `--num_samples` K samples per input: one sample, and
+  the mean of K, with the posterior scores; with `--guidance` the same with the Poisson likelihood of the
+  raw low-dose prompts at each scale (`diffusion/physics_guidance.py`);
+- `zero-pair: foundation + guidance g` (low_dose, with `--guidance`): the foundation prior (no paired
+  training at all) steered by the same likelihood, the paper's use without pairs;
+- `full-dose clinical OSEM` (image space): the reference image a full-dose scan gives.
 
-Sinogram space: PSNR, SSIM, NRMSE against the target. Image space: FBP and OSEM of each sinogram,
-divided by the simulator's `count_scale` (counts per kBq/mL x mm), against the true activity `image`;
-plus lesion contrast recovery and lesion-ROI error from the phantom labels.
+Every trained model is scored at its checkpoint with the best validation metric (`runs.load_trained(...,
+best=True)`; `checkpoint_steps` in results.json), so no method is picked on the test split.
+
+**Posterior quality** (K samples against the clean target, per bin): CRPS (the fair ensemble estimator;
+for a deterministic prediction it is the absolute error, so every row has one), divided by the mean
+clean count of the sample; coverage of the clean target by the central 90 % interval of the samples (a
+calibrated K-member ensemble scores `metrics.calibrated_coverage(K)`, 0.882 at K = 16); the
+correlation of the per-bin standard deviation with the absolute error of the mean.
+
+**Differences**: every method minus the reference baseline (the pixel regressor when trained, else the
+identity), per test sample, as the mean with its 95 % paired bootstrap interval.
+
 Synthesis: the range residual, Helgason-Ludwig moment residual, negative fraction and a Frechet
 distance of summary statistics to the held-out test sinograms, for the generated and the real sets.
 """
@@ -39,10 +65,17 @@ from absl import app, flags, logging
 from scipy import ndimage
 
 from allpet_jax import metrics, sampling
+from allpet_jax.data.simulate import TASKS
 from allpet_jax.training import checkpointing, runs, stages
 
 SIGMAS_PX = (0.0, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 """Gaussian post-filter widths (pixels) tried on the validation split."""
+COVERAGE_LEVEL = 0.9
+CEILING_NOISY = "ceiling: noisy target (a perfect single sample)"
+CEILING_AE = "ceiling: autoencoder D(E(clean target))"
+
+
+# --- scoring -------------------------------------------------------------------------------------------
 
 
 def image_space(sino, sample: dict, geom) -> dict:
@@ -52,10 +85,32 @@ def image_space(sino, sample: dict, geom) -> dict:
     return {k: v / scale for k, v in recon.items()}
 
 
-def score_sinograms(pred, target) -> dict:
+def score_sinograms(pred, sample: dict) -> dict:
+    """Per-sample sinogram scores `(N,)` of `pred` `(N, C, A, B)` against the clean target (and, as a
+    secondary column, PSNR against the noisy target), plus the CRPS of the point prediction (its
+    absolute error) relative to the mean clean count."""
+    clean = np.asarray(sample["target_clean"], np.float32)
+    noisy = np.asarray(sample["target"], np.float32)
     n = pred.shape[0]
-    p, t = pred.reshape((n, -1) + pred.shape[-2:]), target.reshape((n, -1) + target.shape[-2:])
-    return {"sino_psnr": metrics.psnr(p, t), "sino_ssim": metrics.ssim(p, t), "sino_nrmse": metrics.nrmse(p, t)}
+    p, t = pred.reshape((n, -1) + pred.shape[-2:]), clean.reshape((n, -1) + clean.shape[-2:])
+    return {"sino_psnr": np.asarray(metrics.psnr(p, t)), "sino_ssim": np.asarray(metrics.ssim(p, t)),
+            "sino_nrmse": np.asarray(metrics.nrmse(p, t)),
+            "sino_psnr_noisy": np.asarray(metrics.psnr(p, noisy.reshape(p.shape))),
+            "crps": metrics.crps_ensemble(pred[None], clean, fair=False) / mean_counts(clean)}
+
+
+def score_posterior(samples, sample: dict) -> dict:
+    """Posterior scores `(N,)` of K samples `(K, N, C, A, B)` against the clean target."""
+    clean = np.asarray(sample["target_clean"], np.float32)
+    return {"crps": metrics.crps_ensemble(samples, clean) / mean_counts(clean),
+            "coverage90": metrics.interval_coverage(samples, clean, COVERAGE_LEVEL),
+            "spread_error_corr": metrics.spread_error_correlation(samples, clean)}
+
+
+def mean_counts(sino):
+    """Mean absolute count per bin of each sinogram `(N, ...)` -> `(N,)`: the unit that makes CRPS
+    comparable across samples whose count levels differ tenfold."""
+    return np.abs(np.asarray(sino, np.float64)).reshape(sino.shape[0], -1).mean(axis=1)
 
 
 def score_images(images: dict, sample: dict) -> dict:
@@ -63,14 +118,19 @@ def score_images(images: dict, sample: dict) -> dict:
     labels = np.asarray(sample["labels"])
     out = {}
     for method, img in images.items():
-        out[f"{method}_psnr"] = metrics.psnr(img, truth)
-        out[f"{method}_ssim"] = metrics.ssim(img, truth)
-        out[f"{method}_nrmse"] = metrics.nrmse(img, truth)
+        out[f"{method}_psnr"] = np.asarray(metrics.psnr(img, truth))
+        out[f"{method}_ssim"] = np.asarray(metrics.ssim(img, truth))
+        out[f"{method}_nrmse"] = np.asarray(metrics.nrmse(img, truth))
         cr = metrics.contrast_recovery(img[:, 0], truth[:, 0], labels)
-        out[f"{method}_cr_hot"] = cr["hot"]
-        out[f"{method}_cr_cold"] = cr["cold"]
-        out[f"{method}_lesion_err"] = metrics.lesion_roi_error(img[:, 0], truth[:, 0], labels)
+        out[f"{method}_cr_hot"] = np.asarray(cr["hot"])
+        out[f"{method}_cr_cold"] = np.asarray(cr["cold"])
+        out[f"{method}_lesion_err"] = np.asarray(metrics.lesion_roi_error(img[:, 0], truth[:, 0], labels))
     return out
+
+
+def score_prediction(pred, sample: dict, geom) -> dict:
+    """Sinogram and image scores of one prediction `(N, C, A, B)` in counts."""
+    return {**score_sinograms(pred, sample), **score_images(image_space(pred, sample, geom), sample)}
 
 
 def gaussian(images, sigma_px: float):
@@ -99,12 +159,32 @@ def summarise(rows: dict) -> dict:
     return out
 
 
-COLUMNS = [("sino_psnr", "sino PSNR dB"), ("sino_ssim", "sino SSIM"), ("sino_nrmse", "sino NRMSE"),
-           ("fbp_psnr", "FBP PSNR dB"), ("fbp_ssim", "FBP SSIM"), ("osem_psnr", "OSEM PSNR dB"),
-           ("osem_ssim", "OSEM SSIM"), ("osem_nrmse", "OSEM NRMSE"), ("osem_cr_hot", "OSEM CR hot"),
-           ("osem_cr_cold", "OSEM CR cold"), ("osem_lesion_err", "OSEM lesion err")]
+DELTA_METRICS = (("sino_psnr", "sino PSNR dB"), ("osem_psnr", "OSEM PSNR dB"), ("crps", "rel. CRPS"))
+
+
+def paired_deltas(rows: dict, reference: str, key) -> dict:
+    """Per row and metric of `DELTA_METRICS`: the mean of `row - reference` over the test samples with
+    its 95 % paired bootstrap interval (`metrics.paired_bootstrap_ci`)."""
+    out = {}
+    for i, (name, values) in enumerate(rows.items()):
+        if name == reference:
+            continue
+        out[name] = {m: metrics.paired_bootstrap_ci(values[m], rows[reference][m], jax.random.fold_in(key, i))
+                     for m, _ in DELTA_METRICS if m in values and m in rows[reference]}
+    return out
+
+
+# --- tables --------------------------------------------------------------------------------------------
+
+SINOGRAM_COLUMNS = [("sino_psnr", "PSNR dB"), ("sino_ssim", "SSIM"), ("sino_nrmse", "NRMSE"),
+                    ("sino_psnr_noisy", "PSNR dB vs noisy target (secondary)")]
+IMAGE_COLUMNS = [("fbp_psnr", "FBP PSNR dB"), ("osem_psnr", "OSEM PSNR dB"), ("osem_ssim", "OSEM SSIM"),
+                 ("osem_nrmse", "OSEM NRMSE"), ("osem_cr_hot", "OSEM CR hot"), ("osem_cr_cold", "OSEM CR cold"),
+                 ("osem_lesion_err", "OSEM lesion err")]
+POSTERIOR_COLUMNS = [("crps", "rel. CRPS"), ("coverage90", "90% coverage"), ("spread_error_corr", "corr(std, |err|)")]
 SYNTHESIS_COLUMNS = [("range_residual", "range residual"), ("hl_residual", "HL moment residual"),
                      ("negative_fraction", "negative fraction"), ("stats_distance", "Frechet dist. to test")]
+COLUMNS = SINOGRAM_COLUMNS + IMAGE_COLUMNS + POSTERIOR_COLUMNS
 
 
 def markdown(summary: dict, columns) -> str:
@@ -115,66 +195,164 @@ def markdown(summary: dict, columns) -> str:
             f"{entry['mean']:.2f} ± {entry['std']:.2f}"
 
     used = [(k, title) for k, title in columns if any(k in row for row in summary.values())]
+    rows = {name: row for name, row in summary.items() if any(k in row for k, _ in used)}
     lines = ["| method | " + " | ".join(t for _, t in used) + " |", "|---|" + "---|" * len(used)]
-    for name, row in summary.items():
+    for name, row in rows.items():
         lines.append(f"| {name} | " + " | ".join(cell(row.get(k)) for k, _ in used) + " |")
     return "\n".join(lines)
 
 
+def delta_markdown(deltas: dict) -> str:
+    used = [(k, t) for k, t in DELTA_METRICS if any(k in row for row in deltas.values())]
+    lines = ["| method | " + " | ".join(f"Δ {t} [95% CI]" for _, t in used) + " |", "|---|" + "---|" * len(used)]
+    for name, row in deltas.items():
+        cells = []
+        for k, _ in used:
+            d = row.get(k)
+            digits = 4 if k == "crps" else 2
+            cells.append("-" if d is None or not np.isfinite(d["mean"]) else
+                         f"{d['mean']:+.{digits}f} [{d['lo']:+.{digits}f}, {d['hi']:+.{digits}f}]")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_report(result: dict, summary: dict) -> str:
+    """The four tables of a paired-task evaluation, each with a line on how to read it."""
+    k = result["num_samples"]
+    calibrated = metrics.calibrated_coverage(k, COVERAGE_LEVEL) if k > 1 else float("nan")
+    return "\n\n".join([
+        "**Sinogram space**, against the clean target (`target_clean`); mean ± std over test samples. Higher "
+        "PSNR/SSIM and lower NRMSE are better; the last column scores against the noisy target, which no "
+        "estimator can match (its ceiling is the noisy target's own noise).",
+        markdown(summary, SINOGRAM_COLUMNS),
+        "**Image space**, FBP and OSEM of each sinogram against the true activity `image`. CR: lesion contrast "
+        "recovery (1 is perfect); lesion err: relative error of the mean activity in the lesions.",
+        markdown(summary, IMAGE_COLUMNS),
+        f"**Posterior quality**, K = {k} samples per input against the clean target. rel. CRPS: per-bin CRPS "
+        "over the mean clean count (lower is better; for a point prediction it is the relative absolute "
+        f"error, so every row has one). 90% coverage: share of bins whose truth lies in the samples' central "
+        f"90 % interval; a calibrated ensemble of {k} scores {calibrated:.3f}, lower means overconfident. "
+        "corr(std, |err|): whether the uncertainty map points at the errors of the mean.",
+        markdown(summary, POSTERIOR_COLUMNS),
+        f"**Differences against `{result['reference']}`**, paired per test sample: mean and 95 % bootstrap "
+        "interval (2000 resamples); an interval that excludes 0 is a difference this test set resolves. For "
+        "rel. CRPS, negative is better.",
+        delta_markdown(result["deltas"]),
+    ])
+
+
+# --- evaluations ---------------------------------------------------------------------------------------
+
+
+def autoencoder_roundtrip(trained, sino):
+    """`decode(encode(sino))` through `trained`'s frozen autoencoder, in counts `(N, C, A, B)`."""
+    ae = stages.autoencoder_stage(trained.config, trained.config.seed)
+    scale = np.float32(trained.normalisation.target_scale)
+    params = trained.state.frozen["ae"]
+    x = jax.numpy.asarray(np.asarray(sino, np.float32) / scale)
+    roundtrip = jax.jit(lambda p, s: stages.decode(ae.graphdef, p, stages.encode(ae.graphdef, p, s, 1.0), 1.0,
+                                                   s.shape[1]))
+    return np.concatenate([np.asarray(roundtrip(params, x[i:i + 64])) for i in range(0, x.shape[0], 64)]) * scale
+
+
+def source_images(trained, sample: dict, geom, channels: int) -> dict:
+    """FBP of the (corrected) source and clinical OSEM of its raw prompts, in activity units, matched to
+    the target's channels."""
+    norm = trained.normalisation
+    source = np.asarray(sample["source"], np.float32) * np.float32(norm.target_scale / norm.source_scale)
+    scale = np.asarray(sample["count_scale"], np.float32).reshape(source.shape[0], -1, 1, 1)[:, :1]
+    fbp = sampling.reconstruct(source, geom)["fbp"] / scale
+    dose = np.asarray(sample["dose"], np.float32).reshape(-1, 1, 1, 1)
+    osem = sampling.clinical_osem(sample["prompts"], geom, normalisation=sample["normalisation"],
+                                  attenuation=sample["attenuation"], scatter=sample["scatter"],
+                                  randoms=sample["randoms"]) / (scale * dose)
+    return {k: np.asarray(stages.match_channels(v, channels)) for k, v in (("fbp", fbp), ("osem", osem))}
+
+
 def evaluate_paired(trained, workdir: str, n: int, sampler, steps: int, num_samples: int, seed: int,
-                    guidance=()) -> dict:
+                    guidance=(), zero_pair_guidance=None, progress: bool = True) -> dict:
+    """Every method's per-sample scores on `n` test samples (see the module docstring). `guidance`: the
+    Poisson guidance scales of the task model's rows; `zero_pair_guidance` those of the zero-pair arm
+    (default: the same)."""
     geom = sampling.geometry_of(trained)
-    test = sampling.simulated_inputs(trained, n)
-    val = sampling.simulated_inputs(trained, min(n, sampling.pipeline.split_size(trained.config.data, "val")), "val")
+    test = sampling.simulated_inputs(trained, n, physics=True)
+    val = sampling.simulated_inputs(trained, min(n, max(sampling.pipeline.split_size(trained.config.data, "val"), 1)),
+                                    "val", physics=True)
     norm = trained.normalisation
     channels = trained.meta.get("channels", {}).get("target", 1)
     to_target = np.float32(norm.target_scale / norm.source_scale)
+    task = trained.meta["task"]
 
-    def identity(sample):
-        return np.asarray(stages.match_channels(np.asarray(sample["source"]) * to_target, channels))
-
-    rows, timings = {}, {}
+    rows, timings, steps_used = {}, {}, {}
     target = np.asarray(test["target"], np.float32)
-    rows["identity"] = {**score_sinograms(identity(test), target), **score_images(image_space(identity(test), test, geom), test)}
-    sigmas = tune_post_filter(image_space(identity(val), val, geom), val)
-    source_images = image_space(identity(test), test, geom)
-    filtered = {m: gaussian(img, sigmas[m]) for m, img in source_images.items()}
-    rows["FBP/OSEM + Gaussian (val-tuned)"] = score_images(filtered, test)
+    rows[CEILING_NOISY] = score_prediction(target, test, geom)
+    rows[CEILING_AE] = score_prediction(autoencoder_roundtrip(trained, test["target_clean"]), test, geom)
+    identity = np.asarray(stages.match_channels(np.asarray(test["source"]) * to_target, channels))
+    rows["identity"] = score_prediction(identity, test, geom)
+    sigmas = tune_post_filter(source_images(trained, val, geom, channels), val)
+    filtered = {m: gaussian(img, sigmas[m]) for m, img in source_images(trained, test, geom, channels).items()}
+    rows["source: FBP / clinical OSEM + Gaussian (val-tuned)"] = score_images(filtered, test)
 
-    models = [("ALL-PET", trained, 0.0)] + [(f"ALL-PET + Poisson guidance {g:g}", trained, g) for g in guidance]
-    regressor_dir = os.path.join(workdir, "regressor") if workdir else ""
-    if regressor_dir and checkpointing.has_checkpoint(regressor_dir):
-        models.insert(0, ("U-Net regressor", runs.load_trained(regressor_dir), 0.0))
-    else:
-        logging.warning("no regressor in %s: its row is left out (train.py --config.train.stages=regressor)",
-                        regressor_dir)
-    for name, model, g in models:
-        k = 1 if model.name == "regressor" else num_samples
-        batch = sampling.model_batch(model, test)
+    models = []
+    for stage, label in (("pixel_regressor", "pixel U-Net regressor"), ("regressor", "latent U-Net regressor")):
+        directory = os.path.join(workdir, stage) if workdir else ""
+        if directory and checkpointing.has_checkpoint(directory):
+            models.append((label, runs.load_trained(directory, best=True), 0.0, False))
+        else:
+            logging.warning("no %s in %s: its row is left out (train.py --config.train.stages=%s)", stage, directory,
+                            stage)
+    models += [("ALL-PET", trained, 0.0, False)]
+    models += [(f"ALL-PET + Poisson guidance {g:g}", trained, g, False) for g in guidance]
+    foundation_dir = os.path.join(workdir, "foundation") if workdir else ""
+    zero_pair_guidance = guidance if zero_pair_guidance is None else zero_pair_guidance
+    if task == "low_dose" and zero_pair_guidance and foundation_dir and checkpointing.has_checkpoint(foundation_dir):
+        foundation = runs.load_trained(foundation_dir, best=True)
+        models += [(f"zero-pair: foundation + Poisson guidance {g:g}", foundation, g, True) for g in zero_pair_guidance]
+    for name, model, g, zero_pair in models:
+        deterministic = stages.objective_of(model.name, model.config) == "regression"
+        k = 1 if deterministic else num_samples
+        if zero_pair:  # the foundation generates a full-dose sinogram from the prompt; the data steer it
+            prompt = np.asarray(test["prompt"]).copy()
+            prompt[:, 2] = TASKS.index("synthesis")
+            batch = sampling.model_batch(model, {"prompt": prompt, "geometry_only": np.zeros_like(target)})
+        else:
+            batch = sampling.model_batch(model, test)
         if g:
             batch = sampling.add_poisson_data(model, batch, test)
         t0 = time.perf_counter()
-        out = sampling.generate(model, batch, jax.random.key(seed), sampler=None if model.name == "regressor" else sampler,
-                                num_steps=steps, num_samples=k, guidance=g)
-        timings[name] = time.perf_counter() - t0
-        label = name if model.name == "regressor" else f"{name} ({sampler or 'ddim'} {steps})"
-        rows[label] = {**score_sinograms(out[0], target), **score_images(image_space(out[0], test, geom), test)}
+        label = name if deterministic else f"{name} ({sampler or 'ddim'} {steps})"
+        out = sampling.generate(model, batch, jax.random.key(seed), sampler=None if deterministic else sampler,
+                                num_steps=steps, num_samples=k, guidance=g, progress=label if progress else "")
+        timings[label] = time.perf_counter() - t0
+        steps_used[label] = model.step
+        if deterministic:
+            rows[label] = score_prediction(out[0], test, geom)
+            continue
+        rows[f"{label}, one sample"] = score_prediction(out[0], test, geom)
         if k > 1:
-            mean = out.mean(axis=0)
-            rows[f"{label}, mean of {k}"] = {**score_sinograms(mean, target),
-                                             **score_images(image_space(mean, test, geom), test)}
-    rows["target (reference)"] = score_images(image_space(target, test, geom), test)
-    return {"rows": rows, "post_filter_sigma_px": sigmas, "generate_s": timings}
+            rows[f"{label}, mean of {k}"] = {**score_prediction(out.mean(axis=0), test, geom),
+                                             **score_posterior(out, test)}
+    rows["full-dose clinical OSEM (reference)"] = score_images(
+        {"osem": sampling.clinical_osem(test["target_prompts"], geom, normalisation=test["normalisation"],
+                                        attenuation=test["attenuation"], scatter=test["target_scatter"],
+                                        randoms=test["target_randoms"])
+         / np.asarray(test["count_scale"], np.float32).reshape(n, -1, 1, 1)}, test)
+    reference = "pixel U-Net regressor" if "pixel U-Net regressor" in rows else "identity"
+    return {"rows": rows, "reference": reference, "deltas": paired_deltas(rows, reference, jax.random.key(seed)),
+            "num_samples": num_samples, "post_filter_sigma_px": sigmas, "generate_s": timings,
+            "checkpoint_steps": steps_used}
 
 
-def evaluate_synthesis(trained, n: int, sampler, steps: int, seed: int) -> dict:
+def evaluate_synthesis(trained, n: int, sampler, steps: int, seed: int, progress: bool = True) -> dict:
     geom = sampling.geometry_of(trained)
     test = sampling.simulated_inputs(trained, n)
     val = sampling.simulated_inputs(trained, min(n, sampling.pipeline.split_size(trained.config.data, "val")), "val")
     batch = sampling.model_batch(trained, {"prompt": test["prompt"],
                                            "geometry_only": np.zeros_like(np.asarray(test["target"], np.float32))})
     t0 = time.perf_counter()
-    out = sampling.generate(trained, batch, jax.random.key(seed), sampler=sampler, num_steps=steps)[0]
+    label = f"ALL-PET ({sampler or 'ddim'} {steps})"
+    out = sampling.generate(trained, batch, jax.random.key(seed), sampler=sampler, num_steps=steps,
+                            progress=label if progress else "")[0]
     timings = {"ALL-PET": time.perf_counter() - t0}
     real = np.asarray(test["target"], np.float32)
 
@@ -184,51 +362,77 @@ def evaluate_synthesis(trained, n: int, sampler, steps: int, seed: int) -> dict:
                 "negative_fraction": metrics.negative_fraction(s),
                 "stats_distance": [metrics.sample_statistics_distance(s, reference[:, 0])]}
 
-    rows = {f"ALL-PET ({sampler or 'ddim'} {steps})": physics(out, real),
+    rows = {label: physics(out, real),
             "validation sinograms (real, reference)": physics(np.asarray(val["target"], np.float32), real)}
     return {"rows": rows, "generate_s": timings}
 
 
+def per_sample(rows: dict) -> dict:
+    """The per-sample scores as lists (JSON), so later comparisons can pair them."""
+    return {name: {k: [None if not np.isfinite(x) else float(x) for x in np.asarray(v, np.float64).ravel()]
+                   for k, v in values.items()} for name, values in rows.items()}
+
+
+def write_atomic(directory: str, name: str, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=name + ".tmp-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(directory, name))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "", "training run directory")
-flags.DEFINE_string("checkpoint", "", "a stage directory instead of --workdir (no regressor row then)")
+flags.DEFINE_string("checkpoint", "", "a stage directory instead of --workdir (no regressor rows then)")
 flags.DEFINE_string("task", "low_dose", "the task to score")
-flags.DEFINE_integer("n", 0, "test samples (default: the whole test split of the run's config)")
+flags.DEFINE_integer("n", 0, "test samples (default: the run's data.n_test; 256 in the cpu preset)")
 flags.DEFINE_string("sampler", "", "ddim, ddpm or ddbm (default: the model's objective's first)")
 flags.DEFINE_integer("steps", 50, "sampler steps")
-flags.DEFINE_integer("num_samples", 1, "samples per input (K > 1 adds the mean of K as a row)")
+flags.DEFINE_integer("num_samples", 16, "samples per input: one sample, the mean of K and the posterior scores")
 flags.DEFINE_integer("seed", 0, "sampling seed")
 flags.DEFINE_string("out", "", "where results.md and results.json go (default WORKDIR/eval/<task>)")
-flags.DEFINE_list("guidance", [], "low_dose: Poisson guidance scales to add as rows, e.g. 0.05,0.1,0.2")
-
+flags.DEFINE_list("guidance", [], "low_dose: Poisson guidance scales of the task model to add as rows, e.g. 0.2,0.5")
+flags.DEFINE_list("zero_pair_guidance", None, "low_dose: guidance scales of the zero-pair arm (the foundation model "
+                                              "steered by the data, no paired training); default: --guidance")
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    trained = sampling.load_for_task(FLAGS.task, FLAGS.workdir, FLAGS.checkpoint)
+    if FLAGS.num_samples < 1 or FLAGS.steps < 1 or FLAGS.n < 0:
+        raise ValueError(f"--num_samples and --steps must be >= 1 and --n >= 0; got {FLAGS.num_samples}, "
+                         f"{FLAGS.steps}, {FLAGS.n}")
+    trained = sampling.load_for_task(FLAGS.task, FLAGS.workdir, FLAGS.checkpoint, best=True)
+    out = FLAGS.out or os.path.join(FLAGS.workdir or os.path.dirname(trained.directory), "eval", FLAGS.task)
+    os.makedirs(out, exist_ok=True)  # before minutes of sampling: an unwritable --out fails now
     n = FLAGS.n or sampling.pipeline.split_size(trained.config.data, "test")
     t0 = time.perf_counter()
     if FLAGS.task == "synthesis":
         result = evaluate_synthesis(trained, n, FLAGS.sampler or None, FLAGS.steps, FLAGS.seed)
-        columns = SYNTHESIS_COLUMNS
+        summary = summarise(result.pop("rows"))
+        tables = markdown(summary, SYNTHESIS_COLUMNS)
+        record = {}
     else:
         result = evaluate_paired(trained, FLAGS.workdir, n, FLAGS.sampler or None, FLAGS.steps, FLAGS.num_samples,
-                                 FLAGS.seed, guidance=[float(g) for g in FLAGS.guidance])
-        columns = COLUMNS
-    summary = summarise(result.pop("rows"))
-    table = markdown(summary, columns)
+                                 FLAGS.seed, guidance=[float(g) for g in FLAGS.guidance],
+                                 zero_pair_guidance=None if FLAGS.zero_pair_guidance is None else
+                                 [float(g) for g in FLAGS.zero_pair_guidance])
+        rows = result.pop("rows")
+        summary = summarise(rows)
+        tables = paired_report(result, summary)
+        record = {"per_sample": per_sample(rows)}
     header = (f"Task `{FLAGS.task}`, {n} test samples, checkpoint {trained.directory} (step {trained.step}); "
-              f"mean ± std over samples; {time.perf_counter() - t0:.0f} s.")
-    out = FLAGS.out or os.path.join(FLAGS.workdir or os.path.dirname(trained.directory), "eval", FLAGS.task)
-    os.makedirs(out, exist_ok=True)
-    record = {"task": FLAGS.task, "n": n, "checkpoint": trained.directory, "step": trained.step,
-              "summary": summary, **result}
-    for name, text in (("results.md", header + "\n\n" + table + "\n"), ("results.json", json.dumps(record, indent=2))):
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=name + ".tmp-")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(out, name))
-    print(header + "\n\n" + table + f"\n\nwrote {out}/results.md and results.json", flush=True)
+              f"{time.perf_counter() - t0:.0f} s.\n\n`python -m allpet_jax.evaluate " + " ".join(sys.argv[1:]) + "`")
+    record = {"task": FLAGS.task, "n": n, "checkpoint": trained.directory, "step": trained.step, "summary": summary,
+              **result, **record}
+    write_atomic(out, "results.json", json.dumps(record, indent=1))
+    write_atomic(out, "results.md", header + "\n\n" + tables + "\n")
+    print(header + "\n\n" + tables + f"\n\nwrote {out}/results.md and results.json", flush=True)
 
 
 if __name__ == "__main__":

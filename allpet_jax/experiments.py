@@ -112,6 +112,10 @@ def seed_table(runs_by_arm: dict, metrics, method_prefix: str = "ALL-PET") -> st
             else:  # unpaired: the difference of the means
                 deltas.append(f"{np.nanmean(ours) - np.nanmean(ref):+.3f}")
         lines.append(f"| {arm} | {len(runs_by_arm[arm])} | " + " | ".join(cells + deltas) + " |")
+    lines += ["", "Spreads: each run's value is its mean over the test samples; a metric's ± is the standard "
+              "deviation of that value over the arm's seeds, and a Δ's ± the standard deviation of the per-seed "
+              "differences (not a spread over test samples; the per-sample intervals are in each run's "
+              "eval/results.md)."]
     return "\n".join(lines)
 
 
@@ -168,23 +172,26 @@ PAIRED_TASKS = ("low_dose", "attenuation_correction", "delayed_frame", "tracer_c
 
 
 def _is_sample(name: str) -> bool:  # one sample of the model without guidance
-    return name.startswith("ALL-PET (") and "mean of" not in name
+    return name.startswith("ALL-PET (") and name.endswith(", one sample")
 
 
 def _is_mean(name: str) -> bool:  # the mean of K samples of the model without guidance
     return name.startswith("ALL-PET (") and "mean of" in name
 
 
-TASK_COLUMNS = [  # (header, which summary row, metric)
+TASK_COLUMNS = [  # (header, which summary row, metric); sinograms against the clean target, images the truth
+    ("sino: AE ceiling", lambda n: n.startswith("ceiling: autoencoder"), "sino_psnr"),
     ("sino: identity", lambda n: n == "identity", "sino_psnr"),
-    ("sino: regressor", lambda n: n == "U-Net regressor", "sino_psnr"),
+    ("sino: pixel regressor", lambda n: n == "pixel U-Net regressor", "sino_psnr"),
+    ("sino: latent regressor", lambda n: n == "latent U-Net regressor", "sino_psnr"),
     ("sino: ALL-PET", _is_sample, "sino_psnr"),
     ("sino: ALL-PET mean", _is_mean, "sino_psnr"),
-    ("OSEM: source + Gaussian", lambda n: n.startswith("FBP/OSEM + Gaussian"), "osem_psnr"),
-    ("OSEM: regressor", lambda n: n == "U-Net regressor", "osem_psnr"),
-    ("OSEM: ALL-PET", _is_sample, "osem_psnr"),
+    ("OSEM: clinical OSEM of source + Gaussian", lambda n: n.startswith("source: FBP / clinical OSEM"), "osem_psnr"),
+    ("OSEM: pixel regressor", lambda n: n == "pixel U-Net regressor", "osem_psnr"),
     ("OSEM: ALL-PET mean", _is_mean, "osem_psnr"),
-    ("OSEM: target", lambda n: n.startswith("target"), "osem_psnr"),
+    ("OSEM: full-dose clinical", lambda n: n.startswith("full-dose clinical OSEM"), "osem_psnr"),
+    ("rel. CRPS: ALL-PET", _is_mean, "crps"),
+    ("90% coverage: ALL-PET", _is_mean, "coverage90"),
 ]
 
 
@@ -196,12 +203,13 @@ def task_table(runs_by_task: dict) -> str:
         cells = []
         for _, pick, name in TASK_COLUMNS:
             means = [row[name]["mean"] for method, row in run_.summary.items() if pick(method) and name in row]
-            cells.append(f"{means[0]:.2f}" if means else "-")
+            cells.append(("-" if means[0] is None else f"{means[0]:.3g}" if abs(means[0]) < 1 else f"{means[0]:.2f}")
+                         if means else "-")
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def run_tasks(runs_dir: str, preset: str, tasks=PAIRED_TASKS, overrides=(), eval_args=("--steps", "20", "--num_samples", "4")):
+def run_tasks(runs_dir: str, preset: str, tasks=PAIRED_TASKS, overrides=(), eval_args=("--steps", "20")):
     """The per-task comparison: train every stage on the first task, then only the task model and the
     regressor for each other task on the same autoencoder and foundation model; score all on the test split."""
     first, others = tasks[0], tasks[1:]
@@ -214,7 +222,7 @@ def run_tasks(runs_dir: str, preset: str, tasks=PAIRED_TASKS, overrides=(), eval
         _call(synthesis, log)
     for task in others:
         out[task] = run(os.path.join(runs_dir, task), preset,
-                        ["--config.train.stages=task,regressor", f"--config.train.autoencoder_dir={base}/autoencoder",
+                        ["--config.train.stages=task,regressor,pixel_regressor", f"--config.train.autoencoder_dir={base}/autoencoder",
                          f"--config.train.foundation_dir={base}/foundation", *overrides], task=task, eval_args=eval_args)
         print(f"{task}: {out[task].wall_s:.0f} s", flush=True)
     return out

@@ -19,7 +19,8 @@ def test_seed_table_pairs_the_deltas_by_seed():
     arm = [_run(sino_psnr=v) for v in (22.5, 23.1, 24.9)]  # per-seed differences 0.5, 0.1, 0.9
     table = E.seed_table({"full": full, "arm": arm}, ["sino_psnr"])
     d = np.array([0.5, 0.1, 0.9])
-    row = table.splitlines()[-1]
+    row = table.splitlines()[3]  # header, rule, the first arm, this arm
+    assert "standard deviation of that value over the arm's seeds" in table  # says which spread is which
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "3"
     assert cells[2] == f"{np.mean([22.5, 23.1, 24.9]):.3f} ± {np.std([22.5, 23.1, 24.9]):.3f}"
@@ -29,15 +30,19 @@ def test_seed_table_pairs_the_deltas_by_seed():
 
 
 def test_task_table_picks_one_sample_and_the_mean_rows():
-    summary = {"identity": {"sino_psnr": {"mean": 21.0}}, "U-Net regressor": {"sino_psnr": {"mean": 26.0},
-                                                                              "osem_psnr": {"mean": 30.0}},
-               "ALL-PET (ddim 20)": {"sino_psnr": {"mean": 24.0}, "osem_psnr": {"mean": 29.0}},
-               "ALL-PET (ddim 20), mean of 4": {"sino_psnr": {"mean": 25.5}, "osem_psnr": {"mean": 30.5}},
-               "ALL-PET + Poisson guidance 0.2 (ddim 20), mean of 4": {"sino_psnr": {"mean": 99.0}},
-               "FBP/OSEM + Gaussian (val-tuned)": {"osem_psnr": {"mean": 31.0}},
-               "target (reference)": {"osem_psnr": {"mean": 38.0}}}
+    summary = {"ceiling: autoencoder D(E(clean target))": {"sino_psnr": {"mean": 40.0}},
+               "identity": {"sino_psnr": {"mean": 21.0}},
+               "pixel U-Net regressor": {"sino_psnr": {"mean": 27.0}, "osem_psnr": {"mean": 30.0}},
+               "latent U-Net regressor": {"sino_psnr": {"mean": 26.0}, "osem_psnr": {"mean": 29.5}},
+               "ALL-PET (ddim 20), one sample": {"sino_psnr": {"mean": 24.0}, "osem_psnr": {"mean": 29.0}},
+               "ALL-PET (ddim 20), mean of 16": {"sino_psnr": {"mean": 25.5}, "osem_psnr": {"mean": 30.5},
+                                                 "crps": {"mean": 0.0412}, "coverage90": {"mean": 0.85}},
+               "ALL-PET + Poisson guidance 0.2 (ddim 20), mean of 16": {"sino_psnr": {"mean": 99.0}},
+               "source: FBP / clinical OSEM + Gaussian (val-tuned)": {"osem_psnr": {"mean": 31.0}},
+               "full-dose clinical OSEM (reference)": {"osem_psnr": {"mean": 38.0}}}
     row = E.task_table({"low_dose": E.Run("", [], 0.0, summary)}).splitlines()[-1]
-    assert row == "| low_dose | 21.00 | 26.00 | 24.00 | 25.50 | 31.00 | 30.00 | 29.00 | 30.50 | 38.00 |"
+    assert row == ("| low_dose | 40.00 | 21.00 | 27.00 | 26.00 | 24.00 | 25.50 | 31.00 | 30.00 | 30.50 | 38.00 "
+                   "| 0.0412 | 0.85 |")
 
 
 def test_an_evaluation_is_reused_only_when_newer_than_the_checkpoints(tmp_path):

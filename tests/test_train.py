@@ -43,7 +43,7 @@ def _flatten(tree, prefix=""):
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    """All four stages of the smoke preset, trained once for the tests of this module."""
+    """All five stages of the smoke preset, trained once for the tests of this module."""
     root = tmp_path_factory.mktemp("smoke")
     out = _train(root / "run", root / "cache")
     return root / "run", json.loads(out[out.index("{"):])
@@ -62,7 +62,7 @@ def _run(script, *args, expect_ok=True):
 @pytest.mark.slow
 def test_stages_run_and_write_metrics(smoke_run):
     workdir, results = smoke_run
-    assert set(results) == {"autoencoder", "foundation", "task", "regressor"}
+    assert set(results) == {"autoencoder", "foundation", "task", "regressor", "pixel_regressor"}
     assert np.isfinite(results["task"]["val_psnr_source"]) and results["task"]["wall_s"] > 0
     for stage in results:
         lines = [json.loads(line) for line in open(workdir / stage / "metrics.jsonl")]
@@ -74,6 +74,31 @@ def test_stages_run_and_write_metrics(smoke_run):
         assert val[0]["step"] == 0 and len(val) >= 2  # the untrained model's numbers come first
         assert (workdir / stage / f"samples_{stage}.png").stat().st_size > 1000
         assert os.listdir(workdir / stage / "tensorboard")
+
+
+@pytest.mark.slow
+def test_pixel_regressor_checkpoint_reproduces_its_validation(smoke_run):
+    """The pixel regressor's checkpoint, loaded by `runs.load_trained` and run the way sample.py and the
+    evaluation run it (simulated inputs, `model_batch`, `generate` in counts), gives the validation PSNR
+    that train.py computed with the in-memory stage at the end of training."""
+    import jax
+
+    from allpet_jax import sampling
+    from allpet_jax.training import runs, stages
+
+    workdir, results = smoke_run
+    trained = runs.load_trained(str(workdir / "pixel_regressor"))
+    assert trained.name == "pixel_regressor" and trained.step == 4 and trained.state.frozen == {}
+    val = sampling.simulated_inputs(trained, 8, "val")  # the smoke preset's two validation batches of 4
+    out = sampling.generate(trained, sampling.model_batch(trained, val), jax.random.key(0))[0]
+    norm = trained.normalisation
+    target = np.asarray(val["target"], np.float32)
+    identity = np.asarray(val["source"], np.float32) * np.float32(norm.target_scale / norm.source_scale)
+    found = results["pixel_regressor"]
+    # PSNR uses the target's own peak, so it is the same in counts and in normalised units.
+    np.testing.assert_allclose(float(np.mean(stages.psnr(out, target))), found["val_psnr"], atol=1e-3)
+    np.testing.assert_allclose(float(np.mean(stages.psnr(identity, target))), found["val_psnr_source"], atol=1e-3)
+    assert abs(found["val_psnr"] - found["val_psnr_source"]) > 1e-2  # trained weights, not the untrained identity
 
 
 @pytest.mark.slow
@@ -107,15 +132,35 @@ def test_sample_writes_outputs_reconstructions_and_uncertainty(smoke_run, tmp_pa
 @pytest.mark.slow
 def test_evaluate_scores_every_method(smoke_run, tmp_path):
     workdir, _ = smoke_run
-    _run("allpet_jax.evaluate", "--workdir", workdir, "--task", "low_dose", "--n", 4, "--steps", 3, "--out", tmp_path)
+    out = _run("allpet_jax.evaluate", "--workdir", workdir, "--task", "low_dose", "--n", 4, "--steps", 3,
+               "--num_samples", 3, "--guidance", 0.5, "--out", tmp_path)
     record = json.load(open(tmp_path / "results.json"))
     rows = record["summary"]
-    assert set(rows) == {"identity", "FBP/OSEM + Gaussian (val-tuned)", "U-Net regressor", "ALL-PET (ddim 3)",
-                         "target (reference)"}
+    model, guided = "ALL-PET (ddim 3)", "ALL-PET + Poisson guidance 0.5 (ddim 3)"
+    assert set(rows) == {
+        "ceiling: noisy target (a perfect single sample)", "ceiling: autoencoder D(E(clean target))", "identity",
+        "source: FBP / clinical OSEM + Gaussian (val-tuned)", "pixel U-Net regressor", "latent U-Net regressor",
+        f"{model}, one sample", f"{model}, mean of 3", f"{guided}, one sample", f"{guided}, mean of 3",
+        "zero-pair: foundation + Poisson guidance 0.5 (ddim 3), one sample",
+        "zero-pair: foundation + Poisson guidance 0.5 (ddim 3), mean of 3", "full-dose clinical OSEM (reference)"}
     assert rows["identity"]["sino_psnr"]["n"] == 4 and np.isfinite(rows["identity"]["sino_psnr"]["mean"])
-    assert np.isfinite(rows["ALL-PET (ddim 3)"]["osem_ssim"]["mean"])
-    assert "sino_psnr" not in rows["target (reference)"]  # the reference is scored in image space only
-    assert "| identity |" in open(tmp_path / "results.md").read()
+    assert np.isfinite(rows[f"{model}, one sample"]["osem_ssim"]["mean"])
+    assert "sino_psnr" not in rows["full-dose clinical OSEM (reference)"]  # image space only
+    assert 0 <= rows[f"{model}, mean of 3"]["coverage90"]["mean"] <= 1
+    # Scored against the clean target: the noisy target is then no longer a perfect score, but the clean
+    # target's own autoencoder round trip is the better ceiling whenever the autoencoder beats the noise.
+    assert np.isfinite(rows["ceiling: noisy target (a perfect single sample)"]["sino_psnr"]["mean"])
+    # Deltas against the pixel regressor, paired per sample, with intervals around their means.
+    assert record["reference"] == "pixel U-Net regressor"
+    d = record["deltas"]["identity"]["sino_psnr"]
+    assert d["lo"] <= d["mean"] <= d["hi"] and d["n"] == 4
+    per = record["per_sample"]["identity"]["sino_psnr"]
+    ref = record["per_sample"]["pixel U-Net regressor"]["sino_psnr"]
+    assert d["mean"] == pytest.approx(np.mean(np.subtract(per, ref)), rel=1e-9)
+    report = open(tmp_path / "results.md").read()
+    assert "| identity |" in report and "95 % bootstrap interval" in report
+    assert report.count("| ceiling: autoencoder D(E(clean target)) |") == 4  # on every table
+    assert "%|" in out.stderr  # the sampling progress bar
 
     _run("allpet_jax.evaluate", "--workdir", workdir, "--task", "synthesis", "--n", 4, "--steps", 3,
          "--out", tmp_path / "synthesis")
