@@ -90,5 +90,9 @@ def ddim_sample(
         return x, None
 
     keys = jax.random.split(step_key, num_steps)
-    x, _ = lax.scan(step, x, (jnp.asarray(ts), jnp.asarray(ts_prev), keys))
+    x, _ = lax.scan(step, x, (jnp.asarray(ts), jnp.asarray(ts_prev), keys), 
+                    # Guided sampling unrolls the loop: the decoder's gradient inside an XLA while loop ran 5.4x
+                    # slower on CPU (13.9 s vs 2.6 s for 8 sinograms, 20 steps, cpu preset); compiling the
+                    # unrolled steps costs about 30 s more, once.
+                    unroll=num_steps if guide is not None else 1)
     return x

@@ -410,8 +410,12 @@ def diffusion_stage(name: str, config, ae_graphdef, ae_params, latent_scale: flo
                 if objective not in ("diffusion", "synthesis") or any(k not in batch for k in fields):
                     raise ValueError("Poisson guidance needs a diffusion task model or the foundation model, and the "
                                      f"likelihood's {fields} in the batch (sampling.add_poisson_data)")
-                guide = physics_guidance.make_poisson_guide(lambda x0: dec(frozen, from_model(frozen, batch, x0)),
-                                                            schedule)
+                if residual:  # the source's latent once, not inside every step's gradient
+                    base, rs = baseline_latent(frozen, batch), frozen["residual_scale"]
+                    to_sinogram = lambda x0: dec(frozen, base + x0 / rs)  # noqa: E731
+                else:
+                    to_sinogram = lambda x0: dec(frozen, x0)  # noqa: E731
+                guide = physics_guidance.make_poisson_guide(to_sinogram, schedule)
                 data = physics_guidance.PoissonData(*(batch[k] for k in fields), jnp.asarray(guidance, jnp.float32))
             latent = ddim.ddim_sample(NNXDenoiser(graphdef), (p, kwargs), key, schedule, shape, num_steps=steps,
                                       eta=eta or 0.0, parameterization=param, clip_x0=clip_x0, guide=guide,
