@@ -19,9 +19,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from allpet_jax import losses
-from allpet_jax.data.kinetics import TRACERS
-from allpet_jax.data.phantoms import REGIONS
-from allpet_jax.data.simulate import TASKS
 from allpet_jax.models.unet import LatentUNet
 from allpet_jax.training import stages
 
@@ -35,18 +32,8 @@ def build_pixel_unet(config, target_channels: int, source_channels: int, seed: i
     source_channels)`: `model.pixel_unet_channels` and `model.pixel_attention_levels`, with the latent
     U-Net's `unet_res_blocks` and `num_heads`."""
     m = config.model
-    return LatentUNet(
-        latent_channels=target_channels,
-        cond_channels=source_channels,
-        channels=tuple(m.pixel_unet_channels),
-        num_res_blocks=m.unet_res_blocks,
-        attention_levels=tuple(m.pixel_attention_levels),
-        num_heads=m.num_heads,
-        num_tracers=len(TRACERS),
-        num_regions=len(REGIONS),
-        num_tasks=len(TASKS),
-        rngs=stages.model_rngs(seed),
-    )
+    return stages.prompted_unet(m, target_channels, source_channels, m.pixel_unet_channels, m.pixel_attention_levels,
+                                seed)
 
 
 def _check_geometry(config) -> None:

@@ -200,15 +200,21 @@ def measure_latent_scale(ae_graphdef, ae_params, batches) -> float:
 
 
 def build_unet(config, target_channels: int, source_channels: int, seed: int) -> LatentUNet:
-    m = config.model
-    z = m.latent_channels
+    z = config.model.latent_channels
+    return prompted_unet(config.model, target_channels * z, source_channels * z + 2,  # source latent, RMAS mask, TMA
+                         config.model.unet_channels, config.model.attention_levels, seed)
+
+
+def prompted_unet(model_cfg, out_channels: int, cond_channels: int, channels, attention_levels, seed: int) -> LatentUNet:
+    """A `LatentUNet` with the prompt tables of every tracer, region and task, and `model_cfg`'s residual
+    blocks and heads: the latent U-Net (`build_unet`) and the pixel regressor's share it."""
     return LatentUNet(
-        latent_channels=target_channels * z,
-        cond_channels=source_channels * z + 2,  # source latent, RMAS mask, TMA map
-        channels=tuple(m.unet_channels),
-        num_res_blocks=m.unet_res_blocks,
-        attention_levels=tuple(m.attention_levels),
-        num_heads=m.num_heads,
+        latent_channels=out_channels,
+        cond_channels=cond_channels,
+        channels=tuple(channels),
+        num_res_blocks=model_cfg.unet_res_blocks,
+        attention_levels=tuple(attention_levels),
+        num_heads=model_cfg.num_heads,
         num_tracers=len(TRACERS),
         num_regions=len(REGIONS),
         num_tasks=len(TASKS),
