@@ -25,7 +25,8 @@ noise draw) loses about 3 dB to any mean estimate. Two ceilings head every table
 - `source: FBP / clinical OSEM + Gaussian (val-tuned)` (image space only): the source
   reconstructed, and post-filtered with the Gaussian width that maximised image PSNR on validation;
   clinical OSEM runs on the raw prompts with the full model (normalisation, attenuation, randoms and
-  scatter: `sampling.clinical_osem`);
+  scatter: `sampling.clinical_osem`; for `attenuation_correction` it therefore uses the CT attenuation
+  the task is meant to do without, and is a reference rather than a competitor);
 - `pixel U-Net regressor` (`WORKDIR/pixel_regressor`): source sinogram -> target sinogram, no autoencoder;
 - `latent U-Net regressor` (`WORKDIR/regressor`): the same pairs through the autoencoder;
 - `ALL-PET (<sampler> <steps>)`: the task model, `--num_samples` K samples per input: one sample, and
