@@ -13,6 +13,7 @@ pixel-space `pixel_regressor` needs no earlier stage. With no data path the simu
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -25,8 +26,10 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from allpet_jax.data import pipeline
+from allpet_jax.data.simulate import TASKS
 from allpet_jax.training import checkpointing, memory, pixel_regressor, runs, stages
 from allpet_jax.training import step as train_step
+from allpet_jax.training.latent_cache import LatentCache
 from allpet_jax.training.metrics import MetricsWriter
 from allpet_jax.training.preview import save_grid
 from allpet_jax.training.transforms import TmaTransform
@@ -60,7 +63,8 @@ def build_stage(cfg, stage: str, workdir: str, example_batch, train_ds):
         return pixel_regressor.pixel_regressor_stage(cfg, *channels_of(example_batch), cfg.seed)
     first = [step_batch(b) for _, b in zip(range(_INIT_BATCHES), iter(train_ds))]
     if stage == "autoencoder":
-        init = {k: np.concatenate([b[k] for b in first]) for k in ("target", "source") if k in first[0]}
+        init = {k: np.concatenate([b[k] for b in first])
+                for k in ("target", "source", "positive", "negative") if k in first[0]}
         return stages.autoencoder_stage(cfg, cfg.seed, init_batch=init)
     ae_dir = cfg.train.autoencoder_dir or os.path.join(os.path.dirname(workdir), "autoencoder")
     ae = stages.autoencoder_stage(cfg, cfg.seed)
@@ -68,32 +72,40 @@ def build_stage(cfg, stage: str, workdir: str, example_batch, train_ds):
     ae_params = ae_state.ema
     scale = stages.measure_latent_scale(ae.graphdef, ae_params, first)
     target_channels, source_channels = channels_of(example_batch)
-    unet_params = None
+    init = None
     if stage == "task":
         foundation_dir = cfg.train.foundation_dir or os.path.join(os.path.dirname(workdir), "foundation")
         if checkpointing.has_checkpoint(foundation_dir):
             def foundation_of(meta):
-                # Built with its own channel count (synthesis sinograms have one; a task may have more,
-                # and stages.warm_start widens the first and last convolutions).
+                # Built with its own channel count (synthesis sinograms have one; a task may have more).
                 found = meta.get("channels", {})
                 return stages.diffusion_stage("foundation", cfg, ae.graphdef, ae_params, scale,
                                               found.get("target", target_channels),
                                               found.get("source", source_channels), cfg.seed)
 
-            found_state, _ = runs.load_state(foundation_dir, foundation_of, cfg, "foundation", check_task=False)
-            unet_params = found_state.ema
-            print(f"[task] starting from the foundation U-Net in {foundation_dir}", flush=True)
+            found_state, found_meta = runs.load_state(foundation_dir, foundation_of, cfg, "foundation",
+                                                      check_task=False)
+            found = found_meta.get("channels", {})
+            init = functools.partial(
+                stages.warm_start_task, found_state.ema, z=cfg.model.latent_channels,
+                channels=(target_channels, source_channels),
+                foundation_channels=(found.get("target", target_channels), found.get("source", source_channels)),
+                source_trained=stages.foundation_reads_source(found_meta.get("recipe", {})),
+                seen_tasks=(TASKS.index("synthesis"),), null_task=len(TASKS))
+            print(f"[task] starting from the foundation U-Net in {foundation_dir} (output and untrained "
+                  "condition inputs reset: the first samples are the identity)", flush=True)
         else:
             logging.warning("task: no foundation checkpoint in %s; training the U-Net from scratch", foundation_dir)
     residual_scale = 1.0
     if stage in ("task", "regressor") and cfg.diffusion.residual:
         residual_scale = stages.measure_residual_scale(ae.graphdef, ae_params, first, scale)
     return stages.diffusion_stage(stage, cfg, ae.graphdef, ae_params, scale, target_channels, source_channels,
-                                  cfg.seed, unet_params=unet_params, residual_scale=residual_scale)
+                                  cfg.seed, init=init, residual_scale=residual_scale)
 
 
 def step_batch(batch: dict) -> dict:
-    return {k: np.asarray(v) for k, v in batch.items() if k in _STEP_FIELDS}
+    """The fields the train step reads, with `index` numbering training records (`step.record_index`)."""
+    return dict({k: np.asarray(v) for k, v in batch.items() if k in _STEP_FIELDS}, index=train_step.record_index(batch))
 
 
 def run_stage(config, stage: str, workdir: str) -> dict:
@@ -125,6 +137,9 @@ def run_stage(config, stage: str, workdir: str) -> dict:
     print(f"[{stage}] trainable parameters: {n_params:,}", flush=True)
     tx = runs.make_tx(cfg, stage)
     state = train_step.init_state(stage_obj.params, tx, cfg.seed, stage_obj.frozen)
+    # paired latent stages: each training pair is encoded once, not at every step
+    cache = (LatentCache(stage_obj.cached_latents, jax.device_get(stage_obj.frozen)) if stage_obj.cached_latents is not None
+             else lambda b: b)
 
     # --- checkpoints: resume from the latest in this stage's workdir -------------------------------------
     best_name, best_mode = stage_obj.best_metric
@@ -146,8 +161,10 @@ def run_stage(config, stage: str, workdir: str) -> dict:
 
     # --- the step, with the micro-batch chosen from the memory budget ------------------------------------
     per_device = cfg.data.batch_size // n_dev
+    step_example = example if stage_obj.cached_latents is None else dict(
+        example, **jax.eval_shape(stage_obj.cached_latents, stage_obj.frozen, example))
     batch_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=train_step.batch_sharding(mesh)),
-                              example)
+                              step_example)
 
     def make_step(n_micro):
         return train_step.data_parallel_step(mesh, loss_fn=stage_obj.loss_fn, tx=tx, n_micro=n_micro,
@@ -173,7 +190,7 @@ def run_stage(config, stage: str, workdir: str) -> dict:
     worst = float("-inf") if best_mode == "max" else float("inf")
     t0, seen = time.perf_counter(), 0
     for step in range(start, total_steps):
-        batch = jax.device_put(step_batch(next(train_iter)), train_step.batch_sharding(mesh))
+        batch = jax.device_put(cache(step_batch(next(train_iter))), train_step.batch_sharding(mesh))
         state, metrics = step_fn(state, batch)
         seen += cfg.data.batch_size
         done = step + 1

@@ -169,6 +169,47 @@ def rmas_diffusion_loss(predict, key, schedule: Schedule, views, *, parameteriza
     return total, parts
 
 
+def completion_loss(predict, key, schedule: Schedule, x0, *, parameterization: str = "eps", decode=None, sino=None,
+                    unseen=None, consistency_weight: float = 0.0):
+    """Denoising loss of synthesis/masked-completion records, plus a decoded-prediction term on the rays
+    the condition did not show.
+
+    `predict` already carries each record's condition (a view of `S` and its ray mask, or nothing for a
+    synthesis record); the target is always the full latent `x0`. The optional term
+
+        alpha_bar_t * mean( unseen * (D(x0_hat) - S)^2 )
+
+    supervises the decoded clean estimate in sinogram space where the model had to invent it (`unseen`
+    = 1 - the view's ray mask; all ones for synthesis records). Unlike the triplet's `P + N = S`
+    (`rmas_diffusion_loss`), which a perfect latent denoiser meets already, it adds what the latent MSE
+    does not see: errors as the decoder renders them. `alpha_bar_t` lets high-noise steps, whose `x0_hat`
+    is a conditional mean, count little. Its share of the total is reported as `consistency_share`.
+
+    Args:
+      x0: clean latents `(B, h, w, z)` of the full sinograms.
+      key: one key, or one per sample `(B,)` (see `draw_steps_and_noise`).
+      decode, sino, unseen: the frozen decoder, the full sinograms `(B, C, A, Bn)` and the unseen-ray
+        weights `(B, A, Bn)`; needed when `consistency_weight > 0`.
+    """
+    t, noise = draw_steps_and_noise(key, schedule, x0.shape[0], x0.shape[1:], x0.dtype)
+    x_t = schedules.q_sample(schedule, x0, t, noise)
+    out = predict(x_t, t)
+    diff = jnp.mean(weighted_mse(out, schedules.training_target(schedule, parameterization, x0, t, noise)))
+    parts = {"diffusion": diff}
+    total = diff
+    if consistency_weight:
+        if decode is None or sino is None or unseen is None:
+            raise ValueError("completion_loss consistency_weight > 0 needs decode, sino and unseen")
+        x0_hat, _ = schedules.to_x0_eps(schedule, parameterization, out, x_t, t)
+        per_sample = _per_sample_mean(unseen[:, None] * jnp.square(decode(x0_hat) - sino))
+        cons = jnp.mean(schedule.alpha_bar[t] * per_sample)
+        total = total + consistency_weight * cons
+        parts["consistency"] = cons
+        parts["consistency_share"] = consistency_weight * cons / total
+    parts["total"] = total
+    return total, parts
+
+
 def bridge_loss(predict, key, target, source, *, sigma: float = 1.0, weight=None):
     """x0-regression loss of a DDBM bridge denoiser (see `allpet_jax.diffusion.ddbm`).
 

@@ -65,7 +65,7 @@ COUNTS = ("fixed", "uniform", "poisson")
 LAYOUTS = ("uniform", "clustered", "activity")
 ACTIVITY_SOURCES = ("fbp", "image")
 MODES = ("mask", "split")
-PIPELINE_KEYS = ("enabled", "device", "rmas")  # config.masks keys read by the pipeline hook or train.py, not MaskConfig
+PIPELINE_KEYS = ("enabled", "device", "rmas", "objective", "completion_prob")  # config.masks keys read by the pipeline hook or train.py, not MaskConfig
 _RMAS_TAG = 0x524D4153  # "RMAS": branches the mask keys off the dataset seed, apart from the simulator's
 
 # Keys `make_rmas` adds to a batch, with their shapes for a batch of N samples.

@@ -84,7 +84,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # positive, negative and full (pipeline.rmas_hook). Val/test keep their length (mask seed 0).
     config.masks = masks = ml_collections.ConfigDict()
     masks.enabled = False  # set per stage by train.py: on for the foundation stage when masks.rmas
-    masks.rmas = True  # foundation on RMAS/DMM triplets; False = plain synthesis pretraining (the ablation)
+    masks.rmas = True  # foundation on RMAS/DMM views; False = plain synthesis pretraining (the ablation)
+    # How the foundation uses the views (allpet_jax/training/stages.py, one U-Net pass per record unless noted):
+    # 'completion': each record is synthesis (no condition), or with probability completion_prob masked
+    #   completion: generate S given one view (P = M*S or N = (1-M)*S, even odds) and its mask as conditions,
+    #   so the source-condition inputs that tasks read are trained in pretraining;
+    # 'triplet': the paper's full/positive/negative triplet with the P + N = S consistency term (three U-Net
+    #   passes per record: match compute by giving it a third of the records or steps).
+    masks.objective = "completion"
+    masks.completion_prob = 0.5
     masks.device = "cpu"  # where the mask step runs ('' = JAX's default device)
     masks.grid = 8  # G: cells per side of the grid over the field of view
     masks.count = "uniform"  # k cells: 'fixed' (n_cells), 'uniform' (1..max_cells), 'poisson' (mean_cells, clipped to [1, G*G])
@@ -131,7 +139,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # --- model: sinogram autoencoder + latent U-Net (DESIGN.md 2.5, allpet_jax/models/) ------------------
     config.model = model = ml_collections.ConfigDict()
     model.factor = 4  # autoencoder downsampling: 4 or 8
-    model.latent_channels = 4  # z per sinogram channel
+    # z per sinogram channel. 8, measured (benchmarks/autoencoder_psnr.py): at factor 4, 4 channels lose lesion
+    # contrast (about 0.83 of hot-lesion FBP contrast kept, ~36 dB on clean sinograms at the cpu preset).
+    model.latent_channels = 8
     model.ae_channels = (64, 128, 256)  # one width per resolution level: log2(factor) + 1 of them
     model.ae_res_blocks = 1
     model.reconstruction = "l1"  # autoencoder loss: 'l1' or 'l2'
@@ -162,7 +172,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     diffusion.bridge_sigma = 1.0
     # Task stage: diffuse the residual E(target) - E(source) instead of the target latent (stages.py).
     diffusion.residual = True
-    diffusion.consistency_weight = 0.1  # foundation: || D(x0_P) + D(x0_N) - S ||^2 (0 turns it off)
+    # The diffusion task's prediction target: 'x0' makes a zero output the identity (the residual is 0), which
+    # is how a task starts from the foundation (stages.warm_start_task); the foundation uses `parameterization`.
+    diffusion.task_parameterization = "x0"
+    # Foundation, decoded-prediction term weighted by alpha_bar_t (0 turns it off; its share of the loss is logged as
+    # consistency_share): 'completion' supervises D(x0_hat) on the rays the condition did not show,
+    # || (1 - M_view) (D(x0_hat) - S) ||^2 (all rays for synthesis records); 'triplet' is the paper's
+    # || D(x0_P) + D(x0_N) - S ||^2.
+    diffusion.consistency_weight = 50.0  # ~5-10% of the completion loss at the cpu preset (decoded MSE ~1e-3 vs ~0.4)
 
     # --- train (train.py, allpet_jax/training/) ----------------------------------------------------------
     config.train = train = ml_collections.ConfigDict()
@@ -207,6 +224,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         train.checkpoint_every = 100
     elif preset == "smoke":
         model.ae_channels = (8, 16, 16)
+        model.latent_channels = 4  # tiny shapes for tests, not quality
         model.unet_channels = (16, 32)
         model.unet_res_blocks = 1
         model.attention_levels = (1,)

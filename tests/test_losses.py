@@ -161,3 +161,32 @@ def test_per_sample_keys_draw_the_same_numbers_in_any_split():
     assert abs(float(noise.std()) - 1.0) < 0.15 and len(set(np.asarray(t).tolist())) > 1
     with pytest.raises(ValueError, match="one per sample"):
         losses.draw_steps_and_noise(keys[:5], schedule, 6, (4, 4, 2))
+
+
+def test_completion_loss_oracle_and_hand_computed_consistency():
+    """A predictor that returns the exact target has zero denoising loss; one whose clean estimate is off
+    by `d` everywhere has the decoded term `mean_b alpha_bar_{t_b} * mean(unseen_b) * d^2` (the decoder
+    here is the identity on a (B, 1, h, w) view of the latent), and its share is w*cons / total."""
+    schedule = linear_schedule(100)
+    B, h, w = 4, 6, 5
+    x0 = jax.random.normal(jax.random.key(1), (B, h, w, 1))
+    keys = jax.random.split(jax.random.key(2), B)
+    t, noise = losses.draw_steps_and_noise(keys, schedule, B, x0.shape[1:])
+    unseen = (jax.random.uniform(jax.random.key(3), (B, h, w)) < 0.4).astype(jnp.float32)
+    decode = lambda lat: jnp.moveaxis(lat, -1, 1)  # noqa: E731  (B, h, w, 1) -> (B, 1, h, w)
+    sino = decode(x0)
+    target = schedules.training_target(schedule, "x0", x0, t, noise)
+    exact, parts = losses.completion_loss(lambda x_t, tt: target, keys, schedule, x0, parameterization="x0",
+                                          decode=decode, sino=sino, unseen=unseen, consistency_weight=2.0)
+    assert float(exact) < 1e-10 and float(parts["consistency"]) < 1e-10
+    d = 0.3
+    total, parts = losses.completion_loss(lambda x_t, tt: target + d, keys, schedule, x0, parameterization="x0",
+                                          decode=decode, sino=sino, unseen=unseen, consistency_weight=2.0)
+    ab = np.asarray(schedule.alpha_bar)[np.asarray(t)]
+    cons = np.mean(ab * np.asarray(unseen).reshape(B, -1).mean(axis=1) * d**2)
+    np.testing.assert_allclose(float(parts["consistency"]), cons, rtol=1e-5)
+    np.testing.assert_allclose(float(parts["diffusion"]), d**2, rtol=1e-5)
+    np.testing.assert_allclose(float(total), d**2 + 2.0 * cons, rtol=1e-5)
+    np.testing.assert_allclose(float(parts["consistency_share"]), 2.0 * cons / (d**2 + 2.0 * cons), rtol=1e-5)
+    with pytest.raises(ValueError, match="needs decode"):
+        losses.completion_loss(lambda x_t, tt: target, keys, schedule, x0, consistency_weight=1.0)

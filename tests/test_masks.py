@@ -266,3 +266,27 @@ def _base_config(preset):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(preset)
+
+
+def test_two_masks_of_one_sinogram_get_their_own_step_and_noise():
+    """Under RMAS the pipeline's `index` is the base sinogram's; the train step keys records by
+    `sample_index` (`step.record_index`), so two mask seeds of one sinogram draw different `t` and noise."""
+    from allpet_jax import losses
+    from allpet_jax.diffusion import linear_schedule
+    from allpet_jax.training import step
+
+    class Base:
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return {"target": np.full((1, 2, 2), float(i), np.float32), "index": np.int64(i)}
+
+    batch = masks.RmasSource(Base(), 400).read_batch([801, 802, 5])  # two seeds of sinogram 2, one of 0
+    assert batch["index"].tolist() == [2, 2, 0]
+    index = step.record_index(batch)
+    assert index.dtype == np.int32 and index.tolist() == [801, 802, 5]
+    keys = step.sample_keys(jax.random.key_data(jax.random.key(0)), jnp.asarray(7), jnp.asarray(index))
+    t, noise = losses.draw_steps_and_noise(keys, linear_schedule(1000), 3, (4, 4))
+    assert int(t[0]) != int(t[1]) and float(jnp.abs(noise[0] - noise[1]).max()) > 0.1
+    assert step.record_index({"index": np.arange(3)}).tolist() == [0, 1, 2]  # without RMAS: the sample

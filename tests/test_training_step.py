@@ -120,37 +120,52 @@ def test_foundation_without_rmas_trains_on_full_sinograms():
 
 
 def test_two_channel_task_starts_from_a_one_channel_foundation():
-    """tracer_separation's U-Net has two sinogram channels, the synthesis foundation one: the warm start
-    copies every equal-shaped parameter, tiles the output convolution over the channel groups, and
-    copies the overlapping block of the input convolution (the rest keeps its fresh initialisation)."""
+    """tracer_separation's U-Net has two sinogram channels, the synthesis foundation one. The warm start
+    (`stages.warm_start_task`) copies every equal-shaped parameter, zeroes the output convolution (the
+    residual starts at 0), tiles the latent input weights over the channel groups, keeps the mask
+    channel's weights, zeroes the TMA channel's and (unless the foundation learnt completion) the
+    source's, and gives unseen task rows the null row."""
+    import functools
+
     sys.path.insert(0, os.path.dirname(HERE))
+    from flax import nnx
+
+    from allpet_jax.data.simulate import TASKS
     from allpet_jax.training import runs, stages
     from configs import base
 
     cfg = base.get_config("smoke")
     cfg.data.task = "tracer_separation"
+    z = cfg.model.latent_channels
     ae = stages.autoencoder_stage(cfg, 0)
     found = stages.diffusion_stage("foundation", runs.stage_config(cfg, "foundation"), ae.graphdef, ae.params,
                                    1.0, 1, 1, seed=1)
     task_cfg = runs.stage_config(cfg, "task")
     fresh = stages.diffusion_stage("task", task_cfg, ae.graphdef, ae.params, 1.0, 2, 1, seed=2)
-    warm = stages.diffusion_stage("task", task_cfg, ae.graphdef, ae.params, 1.0, 2, 1, seed=2, unet_params=found.params)
-    leaves = zip(jax.tree.leaves(found.params), jax.tree.leaves(fresh.params), jax.tree.leaves(warm.params))
-    tiled = overlapped = copied = 0
-    for old, new, got in leaves:
-        old, new, got = np.asarray(old), np.asarray(new), np.asarray(got)
-        assert got.shape == new.shape
-        if old.shape == new.shape:
-            np.testing.assert_array_equal(got, old)
-            copied += 1
-        elif new.shape[:-1] == old.shape[:-1] and new.shape[-1] == 2 * old.shape[-1]:
-            np.testing.assert_array_equal(got, np.concatenate([old, old], axis=-1))
-            tiled += 1
-        else:
-            block = tuple(slice(0, min(n, o)) for n, o in zip(new.shape, old.shape))
-            np.testing.assert_array_equal(got[block], old[block])
-            rest = np.ones(new.shape, bool)
-            rest[block] = False
-            np.testing.assert_array_equal(got[rest], new[rest])
-            overlapped += 1
-    assert copied > 10 and tiled >= 2 and overlapped >= 1, (copied, tiled, overlapped)  # kernel + bias tiled
+    for source_trained in (False, True):
+        init = functools.partial(stages.warm_start_task, found.params, z=z, channels=(2, 1), foundation_channels=(1, 1),
+                                 source_trained=source_trained, seen_tasks=(0,), null_task=len(TASKS))
+        warm = stages.diffusion_stage("task", task_cfg, ae.graphdef, ae.params, 1.0, 2, 1, seed=2, init=init)
+        old, new = nnx.to_pure_dict(found.params), nnx.to_pure_dict(warm.params)
+        assert float(np.abs(new["conv_out"]["kernel"]).max()) == 0.0 == float(np.abs(new["conv_out"]["bias"]).max())
+        k_old, k_new = np.asarray(old["conv_in"]["kernel"]), np.asarray(new["conv_in"]["kernel"])
+        assert k_new.shape[2] == 2 * z + z + 2 and k_old.shape[2] == z + z + 2
+        np.testing.assert_array_equal(k_new[:, :, :2 * z], np.concatenate([k_old[:, :, :z]] * 2, axis=2))
+        expected_source = k_old[:, :, z:2 * z] if source_trained else 0.0 * k_old[:, :, z:2 * z]
+        np.testing.assert_array_equal(k_new[:, :, 2 * z:3 * z], expected_source)
+        np.testing.assert_array_equal(k_new[:, :, 3 * z], k_old[:, :, 2 * z])  # the mask channel
+        assert float(np.abs(k_new[:, :, 3 * z + 1]).max()) == 0.0  # TMA: the foundation never saw it
+        table_old, table_new = np.asarray(old["task_embed"]["embedding"]), np.asarray(new["task_embed"]["embedding"])
+        np.testing.assert_array_equal(table_new[0], table_old[0])  # synthesis: trained
+        np.testing.assert_array_equal(table_new[len(TASKS)], table_old[len(TASKS)])  # the null row
+        for task in range(1, len(TASKS)):
+            np.testing.assert_array_equal(table_new[task], table_old[len(TASKS)])
+        np.testing.assert_array_equal(np.asarray(new["mid"][0]["conv1"]["kernel"]),
+                                      np.asarray(old["mid"][0]["conv1"]["kernel"]))
+        # a fresh task U-Net and the warm one predict exactly 0 at first: the identity
+        batch = {k: jnp.asarray(v) for k, v in stages.random_batch(task_cfg, "task", 2).items()}
+        batch["target"] = jnp.concatenate([batch["target"]] * 2, axis=1)
+        out = warm.generate(warm.params, warm.frozen, batch, jax.random.key(0), num_steps=2)
+        base_ = stages.decode(ae.graphdef, ae.params, stages.encode(
+            ae.graphdef, ae.params, stages.match_channels(batch["source"], 2), 1.0), 1.0, 2)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(base_), atol=1e-5)

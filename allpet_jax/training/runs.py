@@ -23,7 +23,7 @@ _TMA_STAGES = ("task", "regressor", "pixel_regressor")  # the stages that train 
 
 
 def stage_config(config, stage: str):
-    """The config as this stage trains it: the foundation model learns synthesis on RMAS triplets; the
+    """The config as this stage trains it: the foundation model learns synthesis on RMAS views; the
     other stages read the task's pairs, and the task stage and both regressors add TMA when `tma.enabled`."""
     cfg = config.copy_and_resolve_references()
     cfg.unlock()
@@ -31,7 +31,8 @@ def stage_config(config, stage: str):
         cfg.data.task = "synthesis"
     if cfg.data.cache_dir:  # one shard cache per task, so the stages can share a cache root
         cfg.data.cache_dir = os.path.join(cfg.data.cache_dir, cfg.data.task)
-    cfg.masks.enabled = stage == "foundation" and bool(config.masks.get("rmas", True))
+    # The autoencoder sees the masked views too: the foundation encodes them.
+    cfg.masks.enabled = stage in ("autoencoder", "foundation") and bool(config.masks.get("rmas", True))
     cfg.tma.enabled = stage in _TMA_STAGES and config.tma.enabled  # TMA is a fine-tuning option
     return cfg
 
@@ -66,7 +67,7 @@ def recipe(cfg, stage: str) -> dict:
     out = {"seed": int(cfg.seed), "n_train": int(cfg.data.n_train)}
     if stage in ("foundation", "task"):
         out["diffusion"] = json.loads(cfg.diffusion.to_json())
-    if stage == "foundation":
+    if stage in ("autoencoder", "foundation"):
         out["masks"] = {k: v for k, v in json.loads(cfg.masks.to_json()).items() if k != "device"}
     if stage in _TMA_STAGES:
         out["tma"] = json.loads(cfg.tma.to_json())

@@ -1,6 +1,7 @@
 """The training stages of ALL-PET as pure functions for the generic train step.
 
-- `autoencoder`: the KL sinogram autoencoder on every sinogram channel of the task's data.
+- `autoencoder`: the KL sinogram autoencoder on every sinogram channel of the task's data and, with RMAS
+  on, on the masked views of its targets that the foundation encodes.
 - `foundation`: the latent diffusion model for synthesis, trained on the RMAS/DMM triplet (full,
   positive, negative views) with the positive/negative consistency loss.
 - `task`: low-shot fine-tuning for one paired task: the target latent is generated conditioned on the
@@ -58,6 +59,9 @@ class Stage:
     preview: Callable  # (params, frozen, batch, key) -> (rows of images: [(title, (B, A, Bn)), ...])
     best_metric: tuple[str, str] = ("val_psnr", "max")  # (metric, 'max' or 'min') for the best checkpoint
     generate: Callable | None = None  # (params, frozen, batch, key, sampler, num_steps, eta) -> sinograms
+    # (frozen, batch) -> {"<name>_latent": ...}: what the loss may read precomputed (paired stages: the
+    # fixed training pairs' latents, encoded once per record instead of at every step; `train.LatentCache`)
+    cached_latents: Callable | None = None
 
 
 def split_model(model: nnx.Module):
@@ -91,6 +95,51 @@ def warm_start(pretrained, fresh):
         return new.at[block].set(old[block].astype(new.dtype))
 
     return jax.tree_util.tree_map_with_path(one, fresh, pretrained)
+
+
+def warm_start_task(pretrained, fresh, *, z: int, channels: tuple[int, int], foundation_channels: tuple[int, int],
+                    source_trained: bool, seen_tasks, null_task: int):
+    """A task U-Net's start from the foundation U-Net that samples exactly the identity baseline.
+
+    Carried over: every layer (`warm_start`), the latent input weights (tiled over the task's target
+    channels), the RMAS mask channel's weights, the tracer, region and geometry embeddings, and the
+    source-condition weights when the foundation was trained on masked completion (`source_trained`:
+    it then already reads a source sinogram).
+    Reset:
+    - the output convolution to zero, so the task model's first prediction of the residual's clean
+      latent is 0: with the `x0` parameterisation every DDIM sample is then `E(source)`, the identity;
+    - the source-condition input weights to zero when the foundation never saw a source (it was fed
+      zeros there, so those weights are untrained noise), and the TMA channel's always;
+    - the task-embedding rows of tasks the foundation never trained on (`seen_tasks`) to its null
+      row, the "no task" embedding that prompt dropping trained.
+
+    Args:
+      pretrained, fresh: the foundation's and a freshly built task U-Net's `nnx.State` parameters.
+      z: latent channels per sinogram channel; channels, foundation_channels: `(target, source)`
+        sinogram channels of the task and of the foundation (condition layout `build_unet`).
+    """
+    params = nnx.to_pure_dict(warm_start(pretrained, fresh))
+    old = nnx.to_pure_dict(pretrained)
+    (ct, cs), (ft, fs) = channels, foundation_channels
+
+    def tiled(block, n):  # (3, 3, m, c) -> (3, 3, n, c): repeated channel groups, as `warm_start` does
+        reps = -(-n // block.shape[2])
+        return jnp.concatenate([block] * reps, axis=2)[:, :, :n]
+
+    k_old = old["conv_in"]["kernel"]
+    x_part = tiled(k_old[:, :, :ft * z], ct * z)
+    src_old = k_old[:, :, ft * z:(ft + fs) * z]
+    src_part = tiled(src_old, cs * z) if source_trained else jnp.zeros(src_old.shape[:2] + (cs * z,) + src_old.shape[3:])
+    mask_part = k_old[:, :, (ft + fs) * z:(ft + fs) * z + 1]
+    params["conv_in"]["kernel"] = jnp.concatenate([x_part, src_part, mask_part, jnp.zeros_like(mask_part)], axis=2)
+    params["conv_out"] = jax.tree.map(jnp.zeros_like, params["conv_out"])
+    table = params["task_embed"]["embedding"]
+    unseen = np.array([i not in set(seen_tasks) for i in range(table.shape[0])])
+    unseen[null_task] = False
+    params["task_embed"]["embedding"] = jnp.where(unseen[:, None], table[null_task][None], table)
+    out = jax.tree.map(lambda x: x, fresh)
+    nnx.replace_by_pure_dict(out, params)
+    return out
 
 
 def psnr(pred, target):
@@ -166,28 +215,32 @@ def autoencoder_stage(config, seed: int, init_batch: dict | None = None) -> Stag
         loss, parts = jax.vmap(one)(sino, per_key)
         return jnp.mean(loss), jax.tree.map(jnp.mean, parts)
 
-    def reconstruct(p, batch):
-        model = nnx.merge(graphdef, p)
-        sino = _all_sinograms(batch)
-        return model(sino)[0], sino
+    def reconstruct(p, sino):
+        return nnx.merge(graphdef, p)(sino)[0]
 
     def evaluate(p, frozen, batch, key):
-        recon, sino = reconstruct(p, batch)
-        return {"val_psnr": jnp.mean(psnr(recon, sino)), "val_l1": jnp.mean(jnp.abs(recon - sino))}
+        sino = _all_sinograms(batch, views=False)
+        recon = reconstruct(p, sino)
+        metrics = {"val_psnr": jnp.mean(psnr(recon, sino)), "val_l1": jnp.mean(jnp.abs(recon - sino))}
+        if "positive" in batch:  # the masked views the foundation encodes (RMAS on)
+            views = jnp.concatenate([_channels_to_batch(batch[k]) for k in ("positive", "negative")])
+            metrics["val_psnr_views"] = jnp.mean(psnr(reconstruct(p, views), views))
+        return metrics
 
     def preview(p, frozen, batch, key):
-        recon, sino = reconstruct(p, batch)
+        sino = _all_sinograms(batch, views=False)
+        recon = reconstruct(p, sino)
         return [("input", sino[:, 0]), ("reconstruction", recon[:, 0]), ("|error|", jnp.abs(recon - sino)[:, 0])]
 
     return Stage("autoencoder", graphdef, params, {}, loss_fn, evaluate, preview)
 
 
-def _all_sinograms(batch):
-    """Every sinogram channel of a batch (target, then source) as single-channel sinograms `(N, 1, A, Bn)`."""
-    parts = [_channels_to_batch(batch["target"])]
-    if "source" in batch:
-        parts.append(_channels_to_batch(batch["source"]))
-    return jnp.concatenate(parts)
+def _all_sinograms(batch, views: bool = True):
+    """Every sinogram channel of a batch (target, then source, then with `views` the RMAS positive and
+    negative views when the batch has them: the foundation encodes those) as single-channel sinograms
+    `(N, 1, A, Bn)`."""
+    keys = ("target", "source") + (("positive", "negative") if views else ())
+    return jnp.concatenate([_channels_to_batch(batch[k]) for k in keys if k in batch])
 
 
 def measure_latent_scale(ae_graphdef, ae_params, batches) -> float:
@@ -270,7 +323,7 @@ def objective_of(name: str, config) -> str:
 
 
 def diffusion_stage(name: str, config, ae_graphdef, ae_params, latent_scale: float, target_channels: int,
-                    source_channels: int, seed: int, unet_params=None, residual_scale: float = 1.0) -> Stage:
+                    source_channels: int, seed: int, init=None, residual_scale: float = 1.0) -> Stage:
     """A latent U-Net stage: `foundation`, `task` or `regressor`.
 
     - `foundation`: synthesis from a prompt, trained on RMAS triplets (the mask is a condition channel).
@@ -286,13 +339,18 @@ def diffusion_stage(name: str, config, ae_graphdef, ae_params, latent_scale: flo
     so a weak or early model degrades towards the identity instead of towards noise (residual
     diffusion, as in ResShift, Yue et al. 2023). `measure_residual_scale` gives the scale. (The bridge
     starts from the source already and needs no residual.)
+
+    `init` maps the fresh U-Net parameters to the starting ones (the task's warm start from the
+    foundation, `warm_start_task`). The `diffusion` task predicts with `diffusion.task_parameterization`
+    (`x0` by default: a zero output is then the identity, see `warm_start_task`), the foundation with
+    `diffusion.parameterization`.
     """
     objective = objective_of(name, config)
     unet = build_unet(config, target_channels, source_channels, seed)
     null_ids = unet.null_ids
     graphdef, params = split_model(unet)
-    if unet_params is not None:
-        params = warm_start(unet_params, params)
+    if init is not None:
+        params = init(params)
     frozen = {"ae": ae_params, "scale": jnp.asarray(latent_scale, jnp.float32)}
     paired = objective != "synthesis"
     residual = objective in ("diffusion", "regression") and bool(config.diffusion.get("residual", False))
@@ -300,11 +358,20 @@ def diffusion_stage(name: str, config, ae_graphdef, ae_params, latent_scale: flo
         frozen["residual_scale"] = jnp.asarray(residual_scale, jnp.float32)
     schedule = make_schedule(config.diffusion)
     param = config.diffusion.parameterization
+    if objective == "diffusion":  # configs saved before task_parameterization existed trained with `parameterization`
+        param = config.diffusion.get("task_parameterization", param)
     sigma = float(config.diffusion.get("bridge_sigma", 1.0))
     z = config.model.latent_channels
     f = config.model.factor
     tma_alpha = float(config.tma.alpha) if paired and config.tma.enabled else 0.0
     consistency_weight = float(config.diffusion.consistency_weight) if not paired else 0.0
+    rmas_objective = config.masks.get("objective", "triplet")  # configs saved before it existed trained triplets
+    if rmas_objective not in ("completion", "triplet"):
+        raise ValueError(f"masks.objective must be 'completion' or 'triplet'; got {rmas_objective!r}")
+    completion_prob = float(config.masks.get("completion_prob", 0.0))
+    # The mask channel tells which rays of the source channels are known: all for a task's source, none for
+    # synthesis under the completion objective; the triplet objective (and configs before it) used ones.
+    synthesis_mask = 0.0 if (not paired and rmas_objective == "completion") else 1.0
     drop_prob = float(config.diffusion.prompt_drop_prob) if objective != "regression" else 0.0
     clip_x0 = float(config.diffusion.clip_x0) or None
 
@@ -314,8 +381,25 @@ def diffusion_stage(name: str, config, ae_graphdef, ae_params, latent_scale: flo
     def dec(frozen, latent):
         return decode(ae_graphdef, frozen["ae"], latent, frozen["scale"], target_channels)
 
+    def latent(frozen, batch, name):
+        """The latent of `batch[name]`: the cached `<name>_latent` when the batch carries it (the paired
+        stages' fixed training pairs are encoded once, `cached_latents`), else encoded now."""
+        if f"{name}_latent" in batch:
+            return batch[f"{name}_latent"]
+        if name == "baseline":
+            return enc(frozen, match_channels(batch["source"], target_channels))
+        return enc(frozen, batch[name])
+
     def baseline_latent(frozen, batch):
-        return enc(frozen, match_channels(batch["source"], target_channels))
+        return latent(frozen, batch, "baseline")
+
+    def cached_latents(frozen, batch):
+        """The latents a paired stage's loss reads (`<name>_latent` fields), to encode each pair once."""
+        names = ("target", "source") + (("baseline",) if source_channels != target_channels else ())
+        out = {f"{n}_latent": latent(frozen, batch, n) for n in names}
+        if "baseline_latent" not in out:
+            out["baseline_latent"] = out["source_latent"]
+        return out
 
     def to_model(frozen, batch, x0):  # target latent -> what the model generates
         return (x0 - baseline_latent(frozen, batch)) * frozen["residual_scale"] if residual else x0
@@ -323,14 +407,19 @@ def diffusion_stage(name: str, config, ae_graphdef, ae_params, latent_scale: flo
     def from_model(frozen, batch, latent):
         return baseline_latent(frozen, batch) + latent / frozen["residual_scale"] if residual else latent
 
-    def condition(frozen, batch, latent_hw, mask=None):
+    def condition(frozen, batch, latent_hw, mask=None, source=None):
+        """Condition channels: source latent, known-ray mask, TMA. `mask` `(B, A, Bn)` defaults to all
+        rays known (tasks) or `synthesis_mask` (foundation); `source` a latent that replaces the task's."""
         B = batch["target"].shape[0]
         h, w = latent_hw
-        if paired:
-            source = enc(frozen, batch["source"])
-        else:
+        if source is None and paired:
+            source = latent(frozen, batch, "source")
+        elif source is None:
             source = jnp.zeros((B, h, w, source_channels * z), jnp.float32)
-        mask_c = jnp.ones((B, h, w, 1)) if mask is None else _latent_map(mask, latent_hw)
+        if mask is None:
+            mask_c = jnp.full((B, h, w, 1), 1.0 if paired else synthesis_mask, jnp.float32)
+        else:
+            mask_c = _latent_map(mask, latent_hw)
         tma = batch.get("tma") if paired else None
         tma_c = jnp.zeros((B, h, w, 1)) if tma is None else _latent_map(tma, latent_hw)
         return jnp.concatenate([source, mask_c, tma_c], axis=-1)
@@ -341,10 +430,13 @@ def diffusion_stage(name: str, config, ae_graphdef, ae_params, latent_scale: flo
         noise_keys, drop_keys = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)  # per sample
         drop = jax.vmap(lambda k: jax.random.bernoulli(k, drop_prob))(drop_keys)
         prompt = drop_prompt(prompt_of(batch, sino_shape), drop, null_ids)
-        x0 = enc(frozen, batch["target"])
+        x0 = latent(frozen, batch, "target") if paired else enc(frozen, batch["target"])
         latent_hw = x0.shape[1:3]
-        if not paired and "sino_mask" in batch:
+        if not paired and "sino_mask" in batch and rmas_objective == "triplet":
             return _rmas_loss(unet, frozen, batch, prompt, noise_keys, latent_hw)
+        if not paired and "sino_mask" in batch:
+            view_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(drop_keys)
+            return _completion_loss(unet, frozen, batch, prompt, noise_keys, view_keys, latent_hw)
         if not paired:  # synthesis pretraining without RMAS (masks.rmas = False): full sinograms only
             cond = condition(frozen, batch, latent_hw)
             return losses.diffusion_loss(lambda x_t, t: unet(x_t, t, prompt=prompt, cond=cond), noise_keys,
@@ -380,6 +472,22 @@ def diffusion_stage(name: str, config, ae_graphdef, ae_params, latent_scale: flo
         return losses.rmas_diffusion_loss(predict, noise_keys, schedule, views, parameterization=param,
                                           decode=(lambda lat: dec(frozen, lat)) if consistency_weight else None,
                                           sino=batch["full"], consistency_weight=consistency_weight)
+
+    def _completion_loss(unet, frozen, batch, prompt, noise_keys, view_keys, latent_hw):
+        """Foundation: each record is synthesis or, with probability `completion_prob`, the completion of
+        `S` from one of its views (positive or negative, even odds) given as the source and its rays as
+        the mask channel (`losses.completion_loss`)."""
+        u = jax.vmap(lambda k: jax.random.uniform(k, (2,)))(view_keys)
+        complete, positive = u[:, 0] < completion_prob, u[:, 1] < 0.5
+        mask = batch["sino_mask"]
+        known = jnp.where(complete[:, None, None], jnp.where(positive[:, None, None], mask, 1.0 - mask), 0.0)
+        view = jnp.where(positive[:, None, None, None], batch["positive"], batch["negative"])
+        source = enc(frozen, view) * complete[:, None, None, None]  # synthesis records: no source at all
+        cond = condition(frozen, batch, latent_hw, mask=known, source=source)
+        return losses.completion_loss(lambda x_t, t: unet(x_t, t, prompt=prompt, cond=cond), noise_keys, schedule,
+                                      enc(frozen, batch["full"]), parameterization=param,
+                                      decode=lambda lat: dec(frozen, lat), sino=batch["full"], unseen=1.0 - known,
+                                      consistency_weight=consistency_weight)
 
     def generate(p, frozen, batch, key, sampler: str | None = None, num_steps: int | None = None,
                  eta: float | None = None, guidance: float = 0.0):
@@ -445,7 +553,16 @@ def diffusion_stage(name: str, config, ae_graphdef, ae_params, latent_scale: flo
         return rows
 
     best = ("val_psnr", "max") if paired else ("val_loss", "min")
-    return Stage(name, graphdef, params, frozen, loss_fn, evaluate, preview, best_metric=best, generate=generate)
+    return Stage(name, graphdef, params, frozen, loss_fn, evaluate, preview, best_metric=best, generate=generate,
+                 cached_latents=cached_latents if paired else None)
+
+
+def foundation_reads_source(recipe: dict) -> bool:
+    """Whether a foundation trained with `recipe` (`runs.recipe`) learnt to read the source-condition
+    channels: only masked completion feeds them anything but zeros."""
+    masks = recipe.get("masks", {})
+    return bool(masks.get("rmas", False)) and masks.get("objective") == "completion" and \
+        float(masks.get("completion_prob", 0.0)) > 0
 
 
 def match_channels(source, channels: int):

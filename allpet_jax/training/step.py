@@ -20,6 +20,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 from jax.sharding import Mesh, NamedSharding
@@ -82,6 +83,14 @@ def sample_keys(state_key: jax.Array, step: jax.Array, index: jax.Array) -> jax.
     """One key per sample from the run key, the step and the sample's global index `(n,)`."""
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state_key), step)
     return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(index)
+
+
+def record_index(batch: dict) -> np.ndarray:
+    """The global index `(n,)` int32 that `sample_keys` reads: the training *record*. Under RMAS a record
+    is (base sinogram, mask seed) and the pipeline's `index` is the base sinogram's, shared by every mask
+    of it; `masks.RmasSource` numbers the records in `sample_index`, which then takes its place, so two
+    masks of one sinogram in a batch get their own diffusion step and noise."""
+    return np.asarray(batch.get("sample_index", batch["index"])).astype(np.int32)
 
 
 def _split_micro(tree, n_micro: int):
