@@ -3,15 +3,16 @@
     python benchmarks/tma_quality.py [--n 64] [--size 128] [--seed 0]          # report (test split)
     python benchmarks/tma_quality.py --tune [--n 64]                          # tune (train split)
 
-Data: `low_dose` pairs from the project's simulator (`allpet_jax.data.simulate.simulate_pair` with
-`dose=0.1`, keys of `allpet_jax.data.sources.sample_key`), a quarter of the slices from each region
-(brain, chest, abdomen, trunk), each in a geometry whose pixel is the phantom's physical pixel
-(`phantoms.FOV_MM[region] / size`: 2 mm brain, 4.69 mm body at 128 px), so TMA's lengths in mm are
-true mm. Full dose = TMA of the `target` sinogram, 1/10 dose = TMA of the `source` (a separate
-acquisition at 1/10 of the counts, corrected and dose-normalised by the simulator): FBP of the measured
-sinogram, as the model's TMA sees it. The report uses the `test` split; `--tune` searches the rule's
-constants (`TUNING`) on the `train` split (disjoint keys), so the reported numbers are not tuned on the
-slices they describe.
+Data and maps go through the training path: a `low_dose` config (`configs/base.py` with `size` pixels,
+angles and bins, `data.simulation` fixing the region and `dose=0.1`) gives the simulated source
+(`pipeline.make_source`, sample `i` from `sources.sample_key`), a quarter of the slices from each region
+(brain, chest, abdomen, trunk), and `training.transforms.TmaTransform` segments each slice in the
+physical geometry the model's TMA uses (`pipeline.sample_geometry`: pixel `phantoms.FOV_MM[region] /
+size`, 2 mm brain and 4.69 mm body at 128 px), so TMA's lengths in mm are true mm. Full dose = TMA of
+the `target` sinogram, 1/10 dose = TMA of the `source` (a separate acquisition at 1/10 of the counts,
+corrected and dose-normalised by the simulator): FBP of the measured sinogram, as the model's TMA sees
+it. The report uses the `test` split; `--tune` searches the rule's constants (`TUNING`) on the `train`
+split (disjoint keys), so the reported numbers are not tuned on the slices they describe.
 
 Definitions (per lesion class: hot = label `lesion_hot` scored with the `hyper` map, cold =
 `lesion_cold` with `hypo`):
@@ -33,6 +34,8 @@ import argparse
 import dataclasses
 import functools
 import itertools
+import os
+import sys
 import time
 
 import jax
@@ -40,41 +43,56 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
 
-import radon
-from allpet_jax import attention
-from allpet_jax.data import phantoms, sources
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import radon  # noqa: E402
+from allpet_jax import attention  # noqa: E402
+from allpet_jax.data import phantoms, pipeline  # noqa: E402
+from allpet_jax.training.transforms import TmaTransform, by_geometry  # noqa: E402
+from configs import base  # noqa: E402
 
 CLASSES = (("hot", "lesion_hot", "hyper"), ("cold", "lesion_cold", "hypo"))
 DOSES = ("full", "1/10")
+SINOGRAMS = {"full": "target", "1/10": "source"}  # the batch field TMA segments at each dose
 
 
 @dataclasses.dataclass
 class Group:
-    """The slices of one anatomical region, in a geometry whose pixel is the phantom's physical pixel."""
+    """The slices of one anatomical region, in the physical geometry the training path gives them."""
 
     region: str
+    transform: TmaTransform
+    batch: dict  # the source's batch: `source`, `target`, `image`, `labels`, `prompt`, ...
     geom: radon.Geometry
-    labels: np.ndarray  # (n, H, W) int32
-    images: np.ndarray  # (n, H, W) activity, kBq/mL
-    sinos: dict  # dose -> (n, n_angles, n_bins) corrected counts
     lesions: dict = None  # class -> Lesions
 
+    @property
+    def labels(self) -> np.ndarray:
+        return self.batch["labels"]
 
-def simulate(size: int, n: int, seed: int, split: str, chunk: int = 8) -> list[Group]:
-    """`n` low_dose pairs at 1/10 dose, a quarter per region; the geometry of each region has the
-    phantom's physical pixel (`phantoms.FOV_MM[region] / size`), so TMA's lengths in mm are true mm."""
-    from allpet_jax.data.simulate import simulate_pair
 
+def config_for(region: str, size: int, seed: int, n: int):
+    """The training config of the benchmark's data: `low_dose` at 1/10 dose in `region`, `size` pixels,
+    angles and bins, and `n` samples in every split; `config.tma` keeps the rule's defaults."""
+    config = base.get_config()
+    data = config.data
+    data.task, data.seed, data.cache_dir = "low_dose", seed, ""
+    data.image_size = data.n_angles = data.n_bins = size
+    data.n_train = data.n_val = data.n_test = n
+    data.simulation.region, data.simulation.dose = region, 0.1
+    return config
+
+
+def simulate(size: int, n: int, seed: int, split: str) -> list[Group]:
+    """`n` low_dose pairs at 1/10 dose, a quarter per region, read from the training config's source;
+    each region's geometry is the one `TmaTransform` segments its slices in."""
     groups = []
     for r, region in enumerate(phantoms.REGIONS):
-        pixel = phantoms.FOV_MM[region] / size
-        geom = radon.Geometry.square(size, size, pixel_size=pixel, bin_spacing=pixel)
-        sim = jax.jit(jax.vmap(lambda k: simulate_pair(k, "low_dose", geom, region=region, dose=0.1)))
+        config = config_for(region, size, seed, len(phantoms.REGIONS) * n)
         index = np.arange(r * n, r * n + n // len(phantoms.REGIONS))  # disjoint sample indices per region
-        parts = [jax.device_get(sim(sources.sample_key(seed, split, index[i : i + chunk]))) for i in range(0, len(index), chunk)]
-        cat = {k: np.concatenate([p[k] for p in parts]) for k in ("labels", "image", "source", "target")}
-        sinos = {"full": cat["target"][:, 0], "1/10": cat["source"][:, 0]}
-        group = Group(region, geom, cat["labels"], cat["image"][:, 0], sinos)
+        batch = pipeline.make_source(config.data, split, progress=False).read_batch(index)
+        transform = TmaTransform(config)
+        (geom,) = set(transform.geometries(batch))
+        group = Group(region, transform, batch, geom)
         group.lesions = {name: Lesions(group.labels, phantoms.LABEL_IDS[label]) for name, label, _ in CLASSES}
         groups.append(group)
     return groups
@@ -108,26 +126,31 @@ def rates(counts: np.ndarray) -> dict:
     return dict(lesions=int(lesions), detection=detected / max(lesions, 1), hit=hit / max(lesions, 1), fp_mm2=fp / slices)
 
 
-@functools.partial(jax.jit, static_argnames=("geom", "config", "from_image"))
-def _features(x, geom, config, from_image):
-    image = x if from_image else radon.fbp(x, geom, config.fbp_filter, config.fbp_cutoff)
-    return attention.segmentation_features(image, geom, config)
+@functools.partial(jax.jit, static_argnames=("geom", "config"))
+def _features(sino, geom, config):
+    return attention.segmentation_features(radon.fbp(sino, geom, config.fbp_filter, config.fbp_cutoff), geom, config)
 
 
-def features_of(data, geom, config, from_image=False, chunk=16):
-    """`attention.segmentation_features` of every slice (computed once, reused for every threshold)."""
-    parts = [jax.device_get(_features(jnp.asarray(data[i : i + chunk]), geom, config, from_image)) for i in range(0, len(data), chunk)]
+def features_of(sinos, geom, config, chunk=16):
+    """`attention.segmentation_features` of the FBP of every sinogram `(n, n_angles, n_bins)` (computed once,
+    reused for every threshold of `--tune`)."""
+    parts = [jax.device_get(_features(jnp.asarray(sinos[i : i + chunk]), geom, config)) for i in range(0, len(sinos), chunk)]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def evaluate(groups, features, config, coverage) -> dict:
-    """Rates per class over all groups; `features[g]` are group g's features."""
+def score(groups, maps, coverage) -> dict:
+    """Rates per class over all groups; `maps[g]` holds group g's `hyper` and `hypo` `(n, H, W)`."""
     totals = {name: np.zeros(5) for name, _, _ in CLASSES}
-    for group, feats in zip(groups, features):
-        maps = attention.classify({k: jnp.asarray(v) for k, v in feats.items()}, group.geom, config)  # eager
+    for group, group_maps in zip(groups, maps):
         for name, _, kind in CLASSES:
-            totals[name] += group.lesions[name].counts(np.asarray(maps[kind]), group.geom.pixel_size, coverage)
+            totals[name] += group.lesions[name].counts(np.asarray(group_maps[kind]), group.geom.pixel_size, coverage)
     return {name: rates(c) for name, c in totals.items()}
+
+
+def evaluate(groups, features, config, coverage) -> dict:
+    """`score` of the maps that `config`'s ratios give on precomputed `features[g]` (the tuning loop)."""
+    maps = [attention.classify({k: jnp.asarray(v) for k, v in f.items()}, g.geom, config) for g, f in zip(groups, features)]
+    return score(groups, maps, coverage)
 
 
 # The search behind TmaConfig's defaults. Hyper and hypo use separate constants (except the reference
@@ -146,12 +169,12 @@ TUNING = {
 def tune(args):
     """Grid search (`TUNING`) on the train split; prints the best settings of each class."""
     groups = simulate(args.size, args.n, args.seed, "train")
-    base = attention.TmaConfig()
+    rule = groups[0].transform.tma_config  # config.tma's constants, as training reads them
     for cls, (smooth_grid, ratio_grid) in TUNING.items():
         rows = []
         for svals in itertools.product(*smooth_grid.values()):
-            smooth = dataclasses.replace(base, **dict(zip(smooth_grid, svals)))
-            feats = {dose: [features_of(g.sinos[dose], g.geom, smooth) for g in groups] for dose in DOSES}
+            smooth = dataclasses.replace(rule, **dict(zip(smooth_grid, svals)))
+            feats = {dose: [features_of(g.batch[SINOGRAMS[dose]][:, 0], g.geom, smooth) for g in groups] for dose in DOSES}
             for values in itertools.product(*ratio_grid.values()):
                 config = dataclasses.replace(smooth, **dict(zip(ratio_grid, values)))
                 results = [evaluate(groups, feats[dose], config, args.coverage)[cls] for dose in DOSES]
@@ -164,14 +187,13 @@ def tune(args):
 
 
 def report(args):
-    config = attention.TmaConfig()
+    """The table: TMA as training computes it (`TmaTransform.image_maps`) at both doses, and the peer."""
     groups = simulate(args.size, args.n, args.seed, "test")
-    rows = [
-        (f"{dose} dose: FBP of the measured sinogram", evaluate(groups, [features_of(g.sinos[dose], g.geom, config) for g in groups], config, args.coverage))
-        for dose in DOSES
-    ]
-    truth = [features_of(g.images, g.geom, config, from_image=True) for g in groups]
-    rows.append(("peer: the noise-free activity image", evaluate(groups, truth, config, args.coverage)))
+    rows = [(f"{dose} dose: FBP of the measured sinogram",
+             score(groups, [g.transform.image_maps(g.batch, SINOGRAMS[dose]) for g in groups], args.coverage))
+            for dose in DOSES]
+    truth = [noise_free_maps(g) for g in groups]
+    rows.append(("peer: the noise-free activity image", score(groups, truth, args.coverage)))
     n_hot, n_cold = rows[0][1]["hot"]["lesions"], rows[0][1]["cold"]["lesions"]
     pixels = ", ".join(f"{g.region} {g.geom.pixel_size:.2f} mm" for g in groups)
     print(
@@ -185,6 +207,13 @@ def report(args):
     for name, r in rows:
         h, c = r["hot"], r["cold"]
         print(f"| {name} | {h['detection']:.0%} | {h['hit']:.0%} | {h['fp_mm2']:.0f} | {c['detection']:.0%} | {c['hit']:.0%} | {c['fp_mm2']:.0f} |")
+
+
+def noise_free_maps(group: Group) -> dict:
+    """The rule on the noise-free activity `image` (no FBP), in the geometry `TmaTransform` uses."""
+    config = group.transform.tma_config
+    segment = lambda geom, images: attention.attention_maps_from_image(images, geom, config)
+    return by_geometry(segment, group.transform.geometries(group.batch), group.batch["image"][:, 0])
 
 
 def main(argv=None):

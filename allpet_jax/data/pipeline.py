@@ -47,7 +47,8 @@ from typing import Callable, Sequence
 import grain
 import numpy as np
 
-from allpet_jax.data import sources
+from allpet_jax.data import simulate, sources
+from allpet_jax.data.phantoms import REGIONS
 from radon import Geometry
 
 NORMALISATION_SAMPLES = 64
@@ -193,6 +194,47 @@ def geometry_from_config(data) -> Geometry:
         pixel_size=data.pixel_size,
         bin_spacing=data.bin_spacing,
     )
+
+
+def sample_geometry(data, region_id: int | None = None) -> Geometry:
+    """The geometry, in physical mm, of one sample of `config.data`: what TMA's lengths and the clinician
+    ROIs are measured in.
+
+    - Users' files (`data.source == 'files'`): `geometry_from_config`, i.e. `data.pixel_size` and
+      `data.bin_spacing` mm (the loaders check NIfTI voxel sizes against them).
+    - The simulator (`'simulated'`, its cached shards included) takes only their ratio and sets the pixel
+      per region, `phantoms.FOV_MM[region] / image_size` (brain 256 mm, body 600 mm):
+      `simulate.physical_geometry` of `region_id` (an index into `phantoms.REGIONS`, the second id of a
+      sample's `prompt`), else of `data.simulation.region`; `data.simulation.fov_mm`, when set, applies to
+      every region.
+    """
+    geom = geometry_from_config(data)
+    if data.source == "files":
+        return geom
+    if data.source != "simulated":
+        raise ValueError(f"data.source must be 'simulated' or 'files'; got {data.source!r}")
+    simulation = data.get("simulation") or {}
+    fov_mm = simulation.get("fov_mm")
+    if region_id is not None:
+        if not 0 <= int(region_id) < len(REGIONS):
+            raise ValueError(f"region id {region_id} is not an index into {REGIONS}; a simulated sample's prompt "
+                             "carries its region as its second id (the null id only appears after prompt dropping)")
+        region = REGIONS[int(region_id)]
+    else:
+        region = simulation.get("region")
+    if region is None and fov_mm is None:
+        raise ValueError("the simulator's pixel size depends on the region, and neither a region id (the batch's "
+                         "prompt) nor data.simulation.region / data.simulation.fov_mm gives it")
+    return simulate.physical_geometry(geom, region, fov_mm)
+
+
+def sample_geometries(data) -> tuple[Geometry, ...]:
+    """Every distinct geometry (physical mm) `sample_geometry` gives for `config.data`: one for files, a
+    fixed region or a fixed `fov_mm`; otherwise one per distinct field of view of `phantoms.REGIONS`."""
+    simulation = data.get("simulation") or {}
+    if data.source == "files" or simulation.get("region") is not None or simulation.get("fov_mm") is not None:
+        return (sample_geometry(data),)
+    return tuple(dict.fromkeys(sample_geometry(data, r) for r in range(len(REGIONS))))
 
 
 def split_size(data, split: str) -> int:

@@ -14,6 +14,8 @@
 - `count_scale` `(C_tgt,)`: counts per (kBq/mL x mm), so that
   `target_clean[c] = count_scale[c] * psf(radon.forward(image[c], geom))`, where `psf` is the Gaussian
   detector blur along the bins (`resolution_mm` FWHM). FBP of `target / count_scale` estimates `image`.
+  `geom`'s sizes only fix a ratio: the physical geometry of a sample, in mm, is
+  `physical_geometry(geom, region)` (pixel `phantoms.FOV_MM[region] / max(H, W)`).
 With `diagnostics=True` also, for the acquisitions behind source and target: `source_counts`,
 `target_counts` `(3,)`, their expected detected trues, scatter and randoms (what the realism numbers
 below are measured from); `source_prompts`, `target_prompts` `(C, n_angles, n_bins)`, the Poisson
@@ -111,6 +113,7 @@ Poisson), since `jax.random.poisson` is ~20x slower on CPU here.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -397,6 +400,22 @@ def _scatter_randoms(att, eta, sigma_scatter_bins, randoms_shape, sf, randoms_to
     scatter = blurred * (sf / (1.0 - sf)) * trues / jnp.maximum(jnp.sum(eta * blurred), 1e-20)
     randoms = randoms_shape * randoms_total / jnp.sum(eta * randoms_shape)
     return scatter, randoms
+
+
+def physical_geometry(geom: Geometry, region: str | None, fov_mm: float | None = None) -> Geometry:
+    """The geometry, in physical mm, of what `simulate_pair(key, task, geom, region=region, fov_mm=fov_mm)`
+    returns: `geom` with pixel `fov_mm / max(H, W)` mm (`fov_mm` default `phantoms.FOV_MM[region]`, as
+    `phantoms.sample_anatomy` sets it) and bin spacing `geom.bin_spacing` scaled by the same factor (the
+    simulator takes only the ratio of `geom`'s sizes), so `radon.forward(mu, physical_geometry(...))` is the
+    sample's `-log(attenuation)` and lengths in mm (TMA, clinician ROIs) are true mm. Angles are kept.
+    `region` may be None when `fov_mm` is given (every region then has that field of view).
+    """
+    if fov_mm is None:
+        fov = phantoms.FOV_MM[_choice("region", region, REGIONS)]
+    else:
+        fov = _number("fov_mm", fov_mm, 0.0, 1e4, lo_open=True)
+    pixel_mm = fov / max(geom.image_shape)
+    return dataclasses.replace(geom, pixel_size=pixel_mm, bin_spacing=geom.bin_spacing * pixel_mm / geom.pixel_size)
 
 
 def simulate_pair(key, task: str, geom: Geometry, **options) -> dict:
