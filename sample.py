@@ -5,6 +5,7 @@
     python sample.py --workdir workdir --task synthesis --prompt tracer=FDG,region=brain --num_samples 4
     python sample.py --checkpoint workdir/task --task low_dose --sampler ddim --steps 50 --num_samples 8 --mat
     python sample.py --workdir workdir --task low_dose --guidance 0.1      # Poisson data consistency
+    python sample.py --workdir workdir --task synthesis --prompt region=brain --cfg_scale 2   # classifier-free guidance
     python sample.py --workdir workdir --task low_dose --guidance 0.1 --input scan.npz --dose 0.1
 
 The stage comes from `--checkpoint` (a stage directory) or `--workdir` (`foundation` for synthesis,
@@ -58,6 +59,8 @@ flags.DEFINE_integer("seed", 0, "sampling seed")
 flags.DEFINE_bool("mat", False, "also write outputs.mat")
 flags.DEFINE_float("guidance", 0.0, "low_dose: Poisson likelihood step on the raw prompts during DDIM (0 = off; "
                                     "try 0.05-0.2)")
+flags.DEFINE_float("cfg_scale", 1.0, "classifier-free guidance on the prompt: uncond + s * (cond - uncond); 1 = off, "
+                                     "0 = unconditional (diffusion models trained with prompt dropping)")
 flags.DEFINE_float("dose", 0.0, "low_dose with --input and --guidance: the source's dose fraction (default: the "
                                 "file's 'dose' variable)")
 
@@ -83,14 +86,14 @@ def main(argv):
                                       physics=bool(FLAGS.guidance))
     else:
         inputs = sampling.simulated_inputs(trained, FLAGS.n, physics=bool(FLAGS.guidance))
-    batch = sampling.model_batch(trained, inputs, FLAGS.roi)
+    batch = sampling.model_batch(trained, inputs, FLAGS.roi, from_files=bool(FLAGS.input))
     if FLAGS.guidance:
         batch = sampling.add_poisson_data(trained, batch, inputs, FLAGS.dose or None)
 
     t0 = time.perf_counter()
     outputs = sampling.generate(trained, batch, jax.random.key(FLAGS.seed), sampler=FLAGS.sampler or None,
                                 num_steps=FLAGS.steps, eta=FLAGS.eta, num_samples=FLAGS.num_samples,
-                                guidance=FLAGS.guidance)
+                                guidance=FLAGS.guidance, cfg_scale=FLAGS.cfg_scale)
     wall = time.perf_counter() - t0
     print(f"generated {outputs.shape[0]} x {outputs.shape[1]} sinograms {outputs.shape[2:]} in {wall:.1f} s "
           f"(sampler {FLAGS.sampler or 'default'}, {FLAGS.steps} steps, compile included)", flush=True)

@@ -61,10 +61,12 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from scipy import ndimage
 
+import radon
 from allpet_jax import metrics, sampling
 from allpet_jax.data.simulate import TASKS
 from allpet_jax.training import checkpointing, runs, stages
@@ -184,7 +186,8 @@ IMAGE_COLUMNS = [("fbp_psnr", "FBP PSNR dB"), ("osem_psnr", "OSEM PSNR dB"), ("o
                  ("osem_lesion_err", "OSEM lesion err")]
 POSTERIOR_COLUMNS = [("crps", "rel. CRPS"), ("coverage90", "90% coverage"), ("spread_error_corr", "corr(std, |err|)")]
 SYNTHESIS_COLUMNS = [("range_residual", "range residual"), ("hl_residual", "HL moment residual"),
-                     ("negative_fraction", "negative fraction"), ("stats_distance", "Frechet dist. to test")]
+                     ("negative_fraction", "negative fraction"), ("stats_distance", "Frechet dist. to test"),
+                     ("region_match", "region match")]
 COLUMNS = SINOGRAM_COLUMNS + IMAGE_COLUMNS + POSTERIOR_COLUMNS
 
 
@@ -344,27 +347,42 @@ def evaluate_paired(trained, workdir: str, n: int, sampler, steps: int, num_samp
             "checkpoint_steps": steps_used}
 
 
-def evaluate_synthesis(trained, n: int, sampler, steps: int, seed: int, progress: bool = True) -> dict:
+def evaluate_synthesis(trained, n: int, sampler, steps: int, seed: int, progress: bool = True,
+                       cfg_scales=()) -> dict:
+    """Synthesis rows: the foundation's samples for the test split's prompts, plain and with each
+    classifier-free guidance scale of `cfg_scales`, next to real validation sinograms. Columns: range
+    and Helgason-Ludwig residuals, negative mass, the Frechet distance of summary statistics to the real
+    test sinograms, and region match: whether the FBP's body size and shape (`metrics.body_shape_features`)
+    is nearest to the real test sinograms of the prompted region (`metrics.prompt_matches`)."""
     geom = sampling.geometry_of(trained)
     test = sampling.simulated_inputs(trained, n)
     val = sampling.simulated_inputs(trained, min(n, sampling.pipeline.split_size(trained.config.data, "val")), "val")
     batch = sampling.model_batch(trained, {"prompt": test["prompt"],
                                            "geometry_only": np.zeros_like(np.asarray(test["target"], np.float32))})
-    t0 = time.perf_counter()
-    label = f"ALL-PET ({sampler or 'ddim'} {steps})"
-    out = sampling.generate(trained, batch, jax.random.key(seed), sampler=sampler, num_steps=steps,
-                            progress=label if progress else "")[0]
-    timings = {"ALL-PET": time.perf_counter() - t0}
     real = np.asarray(test["target"], np.float32)
 
-    def physics(sino, reference):
+    def shape(sino):
+        return metrics.body_shape_features(np.asarray(radon.fbp(jnp.asarray(sino[:, 0]), geom, filter="hann")))
+
+    reference = (shape(real), np.asarray(test["prompt"])[:, 1])
+
+    def physics(sino, regions):
         s = sino[:, 0]
         return {"range_residual": metrics.range_residual(s, geom), "hl_residual": metrics.helgason_ludwig_residual(s, geom)["mean"],
                 "negative_fraction": metrics.negative_fraction(s),
-                "stats_distance": [metrics.sample_statistics_distance(s, reference[:, 0])]}
+                "stats_distance": [metrics.sample_statistics_distance(s, real[:, 0])],
+                "region_match": metrics.prompt_matches(shape(sino), regions, *reference).astype(np.float64)}
 
-    rows = {label: physics(out, real),
-            "validation sinograms (real, reference)": physics(np.asarray(val["target"], np.float32), real)}
+    rows, timings = {}, {}
+    for scale in (1.0,) + tuple(s for s in cfg_scales if s != 1.0):
+        label = f"ALL-PET ({sampler or 'ddim'} {steps})" + (f", cfg {scale:g}" if scale != 1.0 else "")
+        t0 = time.perf_counter()
+        out = sampling.generate(trained, batch, jax.random.key(seed), sampler=sampler, num_steps=steps,
+                                progress=label if progress else "", cfg_scale=scale)[0]
+        timings[label] = time.perf_counter() - t0
+        rows[label] = physics(out, np.asarray(test["prompt"])[:, 1])
+    rows["validation sinograms (real, reference)"] = physics(np.asarray(val["target"], np.float32),
+                                                             np.asarray(val["prompt"])[:, 1])
     return {"rows": rows, "generate_s": timings}
 
 
@@ -398,6 +416,7 @@ flags.DEFINE_integer("steps", 50, "sampler steps")
 flags.DEFINE_integer("num_samples", 16, "samples per input: one sample, the mean of K and the posterior scores")
 flags.DEFINE_integer("seed", 0, "sampling seed")
 flags.DEFINE_string("out", "", "where results.md and results.json go (default WORKDIR/eval/<task>)")
+flags.DEFINE_list("cfg_scale", [], "synthesis: classifier-free guidance scales to add as rows, e.g. 2,4 (1 = off)")
 flags.DEFINE_list("guidance", [], "low_dose: Poisson guidance scales of the task model to add as rows, e.g. 0.2,0.5")
 flags.DEFINE_list("zero_pair_guidance", None, "low_dose: guidance scales of the zero-pair arm (the foundation model "
                                               "steered by the data, no paired training); default: --guidance")
@@ -414,7 +433,8 @@ def main(argv):
     n = FLAGS.n or sampling.pipeline.split_size(trained.config.data, "test")
     t0 = time.perf_counter()
     if FLAGS.task == "synthesis":
-        result = evaluate_synthesis(trained, n, FLAGS.sampler or None, FLAGS.steps, FLAGS.seed)
+        result = evaluate_synthesis(trained, n, FLAGS.sampler or None, FLAGS.steps, FLAGS.seed,
+                                    cfg_scales=[float(c) for c in FLAGS.cfg_scale])
         summary = summarise(result.pop("rows"))
         tables = markdown(summary, SYNTHESIS_COLUMNS)
         record = {}

@@ -490,6 +490,48 @@ def sample_statistics_distance(generated, reference) -> float:
     return frechet_distance(fg.mean(0), np.cov(fg, rowvar=False), fr.mean(0), np.cov(fr, rowvar=False))
 
 
+def body_shape_features(images, threshold: float = 0.25) -> np.ndarray:
+    """Body size and shape of each image `(N, H, W)` (e.g. the FBP of a sinogram) -> `(N, 3)` float64:
+    the body's area as a fraction of the image, its elongation `sqrt(l_max / l_min)` (`l` the eigenvalues
+    of the body pixels' coordinate covariance) and its centroid's distance from the centre (in image
+    sides). The body is the pixels above `threshold` times the image's 99th percentile (a robust peak, so
+    one hot lesion does not shrink the body). These tell a brain (small, round, in a 256 mm field) from
+    a body region (large, wide, in 600 mm), and a chest from an abdomen, without a learned network."""
+    x = np.asarray(images, np.float64)
+    if x.ndim != 3:
+        raise ValueError(f"body_shape_features takes images (N, H, W); got shape {x.shape}")
+    N, H, W = x.shape
+    yy, xx = np.meshgrid((np.arange(H) - (H - 1) / 2) / H, (np.arange(W) - (W - 1) / 2) / W, indexing="ij")
+    out = np.zeros((N, 3))
+    for i, im in enumerate(x):
+        body = im > threshold * max(np.percentile(im, 99), 1e-12)
+        if body.sum() < 2:
+            continue
+        coords = np.stack([yy[body], xx[body]])
+        cov = np.cov(coords)
+        lo, hi = np.clip(np.linalg.eigvalsh(cov), 1e-12, None)
+        out[i] = body.mean(), np.sqrt(hi / lo), np.hypot(*coords.mean(axis=1))
+    return out
+
+
+def prompt_matches(features, labels, reference_features, reference_labels) -> np.ndarray:
+    """Per sample `(N,)` bool: whether its nearest reference-class centroid (features z-scored by the
+    reference's pooled within-class standard deviation) is its own label. The mean is how often a
+    generated sinogram looks like the class its prompt asked for. `features` `(N, F)` with integer `labels` `(N,)`; the
+    reference `(M, F)`, `(M,)` holds real samples of every label in `labels`."""
+    f, r = np.asarray(features, np.float64), np.asarray(reference_features, np.float64)
+    labels, reference_labels = np.asarray(labels), np.asarray(reference_labels)
+    classes = np.unique(reference_labels)
+    missing = set(np.unique(labels).tolist()) - set(classes.tolist())
+    if missing:
+        raise ValueError(f"prompt_matches: labels {sorted(missing)} have no reference samples")
+    centroids = np.stack([r[reference_labels == c].mean(axis=0) for c in classes])
+    within = np.concatenate([r[reference_labels == c] - centroids[k] for k, c in enumerate(classes)])
+    scale = np.where(within.std(axis=0) > 0, within.std(axis=0), 1.0)
+    d = (((f[:, None, :] - centroids[None]) / scale) ** 2).sum(axis=-1)
+    return classes[np.argmin(d, axis=1)] == labels
+
+
 # ---------------------------------------------------------------------------------------------------
 # Posterior quality from an ensemble of samples
 

@@ -151,10 +151,12 @@ def synthesis_inputs(trained: runs.TrainedStage, n: int, prompt: np.ndarray, geo
             "geometry_only": np.zeros((n, channels) + geom.sino_shape, np.float32)}
 
 
-def model_batch(trained: runs.TrainedStage, inputs: dict, roi_file: str = "") -> dict:
+def model_batch(trained: runs.TrainedStage, inputs: dict, roi_file: str = "", from_files: bool = False) -> dict:
     """The normalised batch the model reads: `source` (paired), a `target` placeholder that carries the
     geometry, `prompt`, and `tma` when the stage was trained with TMA (with the clinician ROIs of
-    `roi_file` applied on top of the training config's)."""
+    `roi_file` applied on top of the training config's). TMA measures its mm in each input's physical
+    pixel (`pipeline.sample_geometry`): `from_files` inputs (`file_inputs`) have the checkpoint's
+    `data.pixel_size`, simulated ones their region's field of view / image size."""
     norm = trained.normalisation
     cfg = trained.config
     if "source" in inputs:
@@ -171,6 +173,7 @@ def model_batch(trained: runs.TrainedStage, inputs: dict, roi_file: str = "") ->
         from allpet_jax.training.transforms import TmaTransform
 
         tma_cfg = cfg.copy_and_resolve_references()
+        tma_cfg.data.source = "files" if from_files else "simulated"  # the inputs' origin, not the training data's
         if roi_file:
             tma_cfg.tma.roi_file = roi_file
         batch = TmaTransform(tma_cfg)(dict(batch, labels=inputs.get("labels")) if "labels" in inputs else batch)
@@ -179,8 +182,8 @@ def model_batch(trained: runs.TrainedStage, inputs: dict, roi_file: str = "") ->
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_generate(stage_generate, sampler, num_steps, eta, guidance):
-    return jax.jit(lambda p, fz, b, k: stage_generate(p, fz, b, k, sampler, num_steps, eta, guidance))
+def _compiled_generate(stage_generate, sampler, num_steps, eta, guidance, cfg_scale=1.0):
+    return jax.jit(lambda p, fz, b, k: stage_generate(p, fz, b, k, sampler, num_steps, eta, guidance, cfg_scale))
 
 
 GUIDANCE_FIELDS = ("prompts", "normalisation", "attenuation", "scatter", "randoms", "dose")
@@ -244,15 +247,16 @@ def add_poisson_data(trained: runs.TrainedStage, batch: dict, inputs: dict, dose
 
 def generate(trained: runs.TrainedStage, batch: dict, key, *, sampler: str | None = None, num_steps: int | None = None,
              eta: float | None = None, num_samples: int = 1, chunk: int = 0, guidance: float = 0.0,
-             progress: str = "") -> np.ndarray:
+             progress: str = "", cfg_scale: float = 1.0) -> np.ndarray:
     """`(num_samples, N, C, A, B)` sinograms in counts. Sample `k` of the chunk starting at input `lo`
     uses `fold_in(fold_in(key, k), lo)`: the same key, inputs and `chunk` reproduce the same samples.
-    A non-empty `progress` shows a tqdm bar over the sinograms, with that description."""
+    A non-empty `progress` shows a tqdm bar over the sinograms, with that description. `guidance` is the
+    Poisson data-consistency scale, `cfg_scale` the classifier-free guidance scale (1 = off)."""
     from tqdm import tqdm
 
     n = batch["prompt"].shape[0]
     chunk = chunk or int(trained.config.data.batch_size)
-    fn = _compiled_generate(trained.stage.generate, sampler, num_steps, eta, guidance)
+    fn = _compiled_generate(trained.stage.generate, sampler, num_steps, eta, guidance, cfg_scale)
     outs = []
     with tqdm(total=num_samples * n, desc=progress, unit="sino", disable=not progress, leave=True) as bar:
         for k in range(num_samples):

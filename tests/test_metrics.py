@@ -369,3 +369,27 @@ def test_paired_bootstrap_interval_covers_the_true_mean_difference_about_95_perc
     assert same == {"mean": 0.5, "lo": 0.5, "hi": 0.5, "n": 1}
     with pytest.raises(ValueError, match="same test samples"):
         metrics.paired_bootstrap_ci(np.zeros(3), np.zeros(4), jax.random.key(0))
+
+
+def test_body_shape_features_of_ellipses_match_closed_forms_and_prompt_matches():
+    """A uniform ellipse with semi-axes a, b (pixels) centred at (cy, cx): area fraction pi a b / (H W),
+    elongation a / b (coordinate variances a^2/4, b^2/4), centroid offset hypot(cy, cx) / H (square image)."""
+    H = 128
+    yy, xx = np.meshgrid(np.arange(H) - (H - 1) / 2, np.arange(H) - (H - 1) / 2, indexing="ij")
+
+    def ellipse(a, b, cy=0.0, cx=0.0):
+        return (((yy - cy) / a) ** 2 + ((xx - cx) / b) ** 2 <= 1).astype(np.float32)
+
+    images = np.stack([ellipse(40, 20), ellipse(30, 30, 10, -20), ellipse(12, 36)])
+    f = metrics.body_shape_features(images)
+    np.testing.assert_allclose(f[:, 0], [np.pi * 40 * 20 / H**2, np.pi * 900 / H**2, np.pi * 12 * 36 / H**2], rtol=0.02)
+    np.testing.assert_allclose(f[:, 1], [2.0, 1.0, 3.0], rtol=0.03)
+    np.testing.assert_allclose(f[:, 2], [0.0, np.hypot(10, 20) / H, 0.0], atol=2e-3)
+    # classes: small round bodies (0) and large wide ones (1)
+    reference = np.stack([ellipse(20 + k, 20 + k) for k in range(4)] + [ellipse(30 + k, 55) for k in range(4)])
+    labels = np.array([0] * 4 + [1] * 4)
+    ref = metrics.body_shape_features(reference)
+    query = metrics.body_shape_features(np.stack([ellipse(22, 21), ellipse(31, 54), ellipse(22, 21)]))
+    np.testing.assert_array_equal(metrics.prompt_matches(query, [0, 1, 1], ref, labels), [True, True, False])
+    with pytest.raises(ValueError, match="no reference"):
+        metrics.prompt_matches(query, [0, 2, 1], ref, labels)

@@ -169,3 +169,29 @@ def test_two_channel_task_starts_from_a_one_channel_foundation():
         base_ = stages.decode(ae.graphdef, ae.params, stages.encode(
             ae.graphdef, ae.params, stages.match_channels(batch["source"], 2), 1.0), 1.0, 2)
         np.testing.assert_allclose(np.asarray(out), np.asarray(base_), atol=1e-5)
+
+def test_classifier_free_guidance_at_0_is_the_null_prompt_and_at_1_the_plain_model():
+    """`cfg_scale` 1 is the conditional model, 0 the model given the null prompt (a second route to the
+    same numbers: the batch's own prompt set to the null ids); 2 differs from both. The regression
+    baseline has no prompt dropping and refuses it."""
+    sys.path.insert(0, os.path.dirname(HERE))
+    from allpet_jax.training import runs, stages
+    from configs import base
+
+    cfg = runs.stage_config(base.get_config("smoke"), "foundation")
+    ae = stages.autoencoder_stage(cfg, 0)
+    found = stages.diffusion_stage("foundation", cfg, ae.graphdef, ae.params, 1.0, 1, 1, seed=1)
+    params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(3), x.shape), found.params)  # non-zero out
+    batch = {k: jnp.asarray(v) for k, v in stages.random_batch(cfg, "task", 2).items()}
+    gen = jax.jit(lambda p, b, s: found.generate(p, found.frozen, b, jax.random.key(0), None, 3, None, 0.0, s),
+                  static_argnums=2)
+    plain = gen(params, batch, 1.0)
+    null_ids = jnp.asarray([[n for n in stages.build_unet(cfg, 1, 1, 0).null_ids]] * 2, jnp.int32)
+    unconditional = gen(params, dict(batch, prompt=null_ids), 1.0)
+    np.testing.assert_allclose(np.asarray(gen(params, batch, 0.0)), np.asarray(unconditional), atol=1e-5)
+    assert float(jnp.abs(plain - unconditional).max()) > 1e-3
+    assert float(jnp.abs(gen(params, batch, 2.0) - plain).max()) > 1e-3
+    reg_cfg = runs.stage_config(base.get_config("smoke"), "regressor")
+    reg = stages.diffusion_stage("regressor", reg_cfg, ae.graphdef, ae.params, 1.0, 1, 1, seed=1)
+    with pytest.raises(ValueError, match="prompt dropping"):
+        reg.generate(reg.params, reg.frozen, batch, jax.random.key(0), None, 2, None, 0.0, 2.0)

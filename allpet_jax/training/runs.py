@@ -122,10 +122,11 @@ class TrainedStage:
         return pipeline.Normalisation(**self.meta["normalisation"])
 
     def generate(self, batch: dict, key, sampler: str | None = None, num_steps: int | None = None,
-                 eta: float | None = None, guidance: float = 0.0):
+                 eta: float | None = None, guidance: float = 0.0, cfg_scale: float = 1.0):
         if self.stage.generate is None:
             raise ValueError(f"the {self.name} stage does not generate sinograms")
-        return self.stage.generate(self.state.ema, self.state.frozen, batch, key, sampler, num_steps, eta, guidance)
+        return self.stage.generate(self.state.ema, self.state.frozen, batch, key, sampler, num_steps, eta, guidance,
+                                   cfg_scale)
 
 
 def best_validated_step(directory: str, steps, metric: str, mode: str) -> int | None:

@@ -41,6 +41,7 @@ from allpet_jax.data.kinetics import TRACERS
 from allpet_jax.data.phantoms import REGIONS
 from allpet_jax.data.simulate import TASKS
 from allpet_jax.diffusion import ddbm, ddim, ddpm, physics_guidance, schedules
+from allpet_jax.diffusion.guidance import GuidedDenoiser
 from allpet_jax.diffusion.model_function import NNXDenoiser
 from allpet_jax.models.autoencoder import SinogramAutoencoder
 from allpet_jax.models.unet import LatentUNet, Prompt
@@ -490,9 +491,14 @@ def diffusion_stage(name: str, config, ae_graphdef, ae_params, latent_scale: flo
                                       consistency_weight=consistency_weight)
 
     def generate(p, frozen, batch, key, sampler: str | None = None, num_steps: int | None = None,
-                 eta: float | None = None, guidance: float = 0.0):
+                 eta: float | None = None, guidance: float = 0.0, cfg_scale: float = 1.0):
         """Sinograms `(B, C, n_angles, n_bins)` for `batch` (its `target` gives only the geometry and batch
         size; paired tasks read `source`). `sampler` defaults to the objective's first in `SAMPLERS`.
+
+        `cfg_scale != 1` is classifier-free guidance on the prompt (`guidance.GuidedDenoiser`): each step
+        runs the U-Net with the prompt and with the null prompt (same geometry and condition channels) and
+        extrapolates, `uncond + cfg_scale * (cond - uncond)`; 0 is the unconditional model. It needs a
+        model trained with prompt dropping (`diffusion.prompt_drop_prob > 0`).
 
         `guidance > 0` (DDIM on a `diffusion` task model, or on the foundation model: the zero-pair arm)
         adds the Poisson data-consistency step of `physics_guidance.py`; the batch must then carry
@@ -509,13 +515,22 @@ def diffusion_stage(name: str, config, ae_graphdef, ae_params, latent_scale: flo
         kwargs = {"prompt": prompt_of(batch, sino_shape), "cond": condition(frozen, batch, latent_hw)}
         shape = (B,) + latent_hw + (target_channels * z,)
         steps = num_steps or config.diffusion.val_steps
+        denoiser, model_params = NNXDenoiser(graphdef), (p, kwargs)
+        if cfg_scale != 1.0:
+            if sampler == "direct" or not drop_prob:
+                raise ValueError(f"classifier-free guidance (cfg_scale {cfg_scale}) needs a diffusion model trained "
+                                 f"with prompt dropping; this {name} model has objective {objective!r} and "
+                                 f"diffusion.prompt_drop_prob {drop_prob}")
+            null = dict(kwargs, prompt=drop_prompt(kwargs["prompt"], jnp.ones((B,), bool), null_ids))
+            denoiser = GuidedDenoiser(denoiser)
+            model_params = ((p, kwargs), (p, null), jnp.asarray(cfg_scale, jnp.float32))
         if sampler == "direct":
             latent = nnx.merge(graphdef, p)(jnp.zeros(shape), jnp.zeros((B,)), **kwargs)
         elif sampler == "ddbm":
-            latent = ddbm.ddbm_sample(NNXDenoiser(graphdef), (p, kwargs), key, baseline_latent(frozen, batch), steps,
+            latent = ddbm.ddbm_sample(denoiser, model_params, key, baseline_latent(frozen, batch), steps,
                                       sigma=sigma, eta=1.0 if eta is None else eta)  # ancestral by default
         elif sampler == "ddpm":
-            latent = ddpm.ddpm_sample(NNXDenoiser(graphdef), (p, kwargs), key, schedule, shape,
+            latent = ddpm.ddpm_sample(denoiser, model_params, key, schedule, shape,
                                       parameterization=param, clip_x0=clip_x0)
         else:
             guide, data = None, None
@@ -531,7 +546,7 @@ def diffusion_stage(name: str, config, ae_graphdef, ae_params, latent_scale: flo
                     to_sinogram = lambda x0: dec(frozen, x0)  # noqa: E731
                 guide = physics_guidance.make_poisson_guide(to_sinogram, schedule)
                 data = physics_guidance.PoissonData(*(batch[k] for k in fields), jnp.asarray(guidance, jnp.float32))
-            latent = ddim.ddim_sample(NNXDenoiser(graphdef), (p, kwargs), key, schedule, shape, num_steps=steps,
+            latent = ddim.ddim_sample(denoiser, model_params, key, schedule, shape, num_steps=steps,
                                       eta=eta or 0.0, parameterization=param, clip_x0=clip_x0, guide=guide,
                                       guide_params=data)
         return dec(frozen, from_model(frozen, batch, latent) if paired else latent)
