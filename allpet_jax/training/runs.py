@@ -31,10 +31,15 @@ def stage_config(config, stage: str):
         cfg.data.task = "synthesis"
     if cfg.data.cache_dir:  # one shard cache per task, so the stages can share a cache root
         cfg.data.cache_dir = os.path.join(cfg.data.cache_dir, cfg.data.task)
-    # The autoencoder sees the masked views too: the foundation encodes them.
-    cfg.masks.enabled = stage in ("autoencoder", "foundation") and bool(config.masks.get("rmas", True))
+    # With model.ae_views the autoencoder also trains on the masked views the foundation encodes.
+    cfg.masks.enabled = (stage == "foundation" or (stage == "autoencoder" and _ae_views(config))) and \
+        bool(config.masks.get("rmas", True))
     cfg.tma.enabled = stage in _TMA_STAGES and config.tma.enabled  # TMA is a fine-tuning option
     return cfg
+
+
+def _ae_views(config) -> bool:
+    return bool(config.model.get("ae_views", False))  # configs saved before it existed: full sinograms only
 
 
 def stage_meta(cfg, stage: str) -> dict:
@@ -67,7 +72,7 @@ def recipe(cfg, stage: str) -> dict:
     out = {"seed": int(cfg.seed), "n_train": int(cfg.data.n_train)}
     if stage in ("foundation", "task"):
         out["diffusion"] = json.loads(cfg.diffusion.to_json())
-    if stage in ("autoencoder", "foundation"):
+    if stage == "foundation" or (stage == "autoencoder" and _ae_views(cfg)):
         out["masks"] = {k: v for k, v in json.loads(cfg.masks.to_json()).items() if k != "device"}
     if stage in _TMA_STAGES:
         out["tma"] = json.loads(cfg.tma.to_json())

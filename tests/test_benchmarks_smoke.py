@@ -1,0 +1,80 @@
+"""benchmarks/autoencoder_psnr.py: its lesion-contrast rule and its scoring against hand calculations.
+
+The benchmark's training loop is left to the benchmark itself (`--quick` compiles two train steps, a
+minute on 2 cores); these checks cover what its table is computed from, in a few seconds.
+"""
+
+import importlib.util
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import radon
+from allpet_jax.data.phantoms import LABEL_IDS
+
+_PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "autoencoder_psnr.py")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("autoencoder_psnr", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_lesion_ring_and_contrast_by_hand(bench):
+    tissue, hot, cold, air = (LABEL_IDS[k] for k in ("soft_tissue", "lesion_hot", "lesion_cold", "background"))
+    labels = np.full((2, 20, 20), tissue, np.int32)
+    image = np.ones((2, 20, 20))
+    labels[0, 8:10, 8:10] = hot  # a 2 x 2 hot lesion
+    image[0, 7:11, 7:11] = 3.0  # the guard pixels (Chebyshev distance 1): never in the ring
+    image[0, 8:10, 8:10] = 5.0
+    labels[0, 5, :], image[0, 5, :] = air, 100.0  # a row of air at distance 3: left out of the ring
+    labels[0, 6, 8], image[0, 6, 8] = cold, -50.0  # a cold lesion at distance 2: left out
+    image[0, 12, 12] = 2.0  # one ring pixel off the background level
+    labels[1] = air  # sample 1: a hot pixel in air has no ring and is dropped
+    labels[1, 10, 10] = hot
+
+    lesions = bench.hot_lesion_rings(labels, ring_px=2, guard_px=1)
+    assert len(lesions) == 1 and lesions[0][0] == 0
+    # Distance 2..3 around a 2 x 2 lesion: the 8 x 8 box less the 4 x 4 box = 48 pixels, less the 8 of the
+    # air row inside the box and the cold pixel = 39.
+    assert len(lesions[0][1]) == 4 and len(lesions[0][2]) == 39
+    contrast, ring = bench.lesion_contrast(image, lesions)
+    np.testing.assert_allclose(ring, [40.0 / 39.0])
+    np.testing.assert_allclose(contrast, [5.0 - 40.0 / 39.0])
+
+
+def test_score_of_a_scaled_reconstruction(bench):
+    """`D(E(x)) = 0.9 x`: PSNR, view MSE ratio and the kept contrast (exactly 0.9: FBP is linear) by hand."""
+    size = 16
+    geom = radon.Geometry.square(size)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
+    body = xx**2 + yy**2 <= 6.5**2
+    labels = np.where(body, LABEL_IDS["soft_tissue"], LABEL_IDS["background"]).astype(np.int32)[None].repeat(3, 0)
+    images = body[None] * rng.uniform(0.8, 1.2, (3, 1, 1))
+    for n, (r, c) in enumerate([(6, 6), (8, 5), (5, 9)]):
+        labels[n, r:r + 2, c:c + 2] = LABEL_IDS["lesion_hot"]
+        images[n, r:r + 2, c:c + 2] = 4.0
+    sino = np.asarray(radon.forward(jnp.asarray(images, jnp.float32), geom))[:, None].astype(np.float64)
+    mask = (rng.uniform(size=sino.shape) < 0.3).astype(np.float64)
+    positive, negative = mask * sino, (1 - mask) * sino
+
+    held_out = bench.HeldOut({"clean": sino.astype(np.float32)}, (positive, negative), geom,
+                             bench.hot_lesion_rings(labels), ("ramp", "hann"), min_contrast=0.1)
+    r = held_out.score(lambda scale, x: scale * x, 0.9)
+
+    def psnr(x):  # per sample, the sample's own peak, error 0.1 x
+        return np.mean([10 * np.log10(s.max() ** 2 / np.mean((0.1 * s) ** 2)) for s in x])
+
+    assert r["psnr_full"] == pytest.approx(psnr(sino), abs=1e-3)
+    assert r["psnr_positive"] == pytest.approx(psnr(positive), abs=1e-3)
+    assert r["psnr_negative"] == pytest.approx(psnr(negative), abs=1e-3)
+    assert r["mse_ratio"] == pytest.approx(0.5 * (np.mean(positive**2) + np.mean(negative**2)) / np.mean(sino**2),
+                                           rel=1e-4)
+    assert r["n_lesions"] == 3
+    np.testing.assert_allclose(r["kept"], 0.9, rtol=1e-4)  # quartiles, per filter
