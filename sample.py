@@ -33,14 +33,14 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from allpet_jax import plots, sampling
+from allpet_jax import plots, sampling, tasks
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "", "training run directory (holds autoencoder/, foundation/, task/, ...)")
 flags.DEFINE_string("checkpoint", "", "a stage directory (WORKDIR/<stage>) instead of --workdir")
 flags.DEFINE_string("stage", "", "stage under --workdir: default foundation (synthesis) or task; 'regressor' or "
                                   "'pixel_regressor'")
-flags.DEFINE_string("task", "low_dose", "the task; must be the one the checkpoint was trained for")
+flags.DEFINE_string("task", tasks.LOW_DOSE, "the task; must be the one the checkpoint was trained for")
 flags.DEFINE_string("input", "", "source sinogram file(s): .npy/.npz/.mat/NIfTI; default: the simulator's test split")
 flags.DEFINE_string("source_variable", "", "variable name inside .npz/.mat inputs (default: the only/'source' one)")
 flags.DEFINE_integer("n", 8, "number of simulated test samples (without --input) or synthesised sinograms")
@@ -71,7 +71,7 @@ def main(argv):
     if FLAGS.num_samples < 1 or FLAGS.n < 1 or FLAGS.steps < 1:
         raise app.UsageError("--num_samples, --n and --steps must be >= 1")
     trained = sampling.load_for_task(FLAGS.task, FLAGS.workdir, FLAGS.checkpoint, FLAGS.stage)
-    synthesis = FLAGS.task == "synthesis"
+    synthesis = not tasks.is_paired(FLAGS.task)
     if (FLAGS.n_angles or FLAGS.n_bins) and not synthesis:
         raise app.UsageError("--n_angles/--n_bins set the geometry of synthesis; paired tasks keep the input's")
     if FLAGS.dose and not (FLAGS.input and FLAGS.guidance):

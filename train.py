@@ -25,8 +25,9 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from allpet_jax import tasks
 from allpet_jax.data import pipeline
-from allpet_jax.data.simulate import TASKS
+from allpet_jax.models import count_parameters, latent
 from allpet_jax.training import checkpointing, memory, pixel_regressor, runs, stages
 from allpet_jax.training import step as train_step
 from allpet_jax.training.latent_cache import LatentCache
@@ -70,7 +71,7 @@ def build_stage(cfg, stage: str, workdir: str, example_batch, train_ds):
     ae = stages.autoencoder_stage(cfg, cfg.seed)
     ae_state, _ = runs.load_state(ae_dir, ae, cfg, "autoencoder", check_task=False)  # any sinograms will do
     ae_params = ae_state.ema
-    scale = stages.measure_latent_scale(ae.graphdef, ae_params, first)
+    scale = latent.measure_latent_scale(ae.graphdef, ae_params, first)
     target_channels, source_channels = channels_of(example_batch)
     init = None
     if stage == "task":
@@ -91,14 +92,14 @@ def build_stage(cfg, stage: str, workdir: str, example_batch, train_ds):
                 channels=(target_channels, source_channels),
                 foundation_channels=(found.get("target", target_channels), found.get("source", source_channels)),
                 source_trained=stages.foundation_reads_source(found_meta.get("recipe", {})),
-                seen_tasks=(TASKS.index("synthesis"),), null_task=len(TASKS))
+                seen_tasks=(tasks.task_id(tasks.SYNTHESIS),), null_task=tasks.NULL_TASK)
             print(f"[task] starting from the foundation U-Net in {foundation_dir} (output and untrained "
                   "condition inputs reset: the first samples are the identity)", flush=True)
         else:
             logging.warning("task: no foundation checkpoint in %s; training the U-Net from scratch", foundation_dir)
     residual_scale = 1.0
     if stage in ("task", "regressor") and cfg.diffusion.residual:
-        residual_scale = stages.measure_residual_scale(ae.graphdef, ae_params, first, scale)
+        residual_scale = latent.measure_residual_scale(ae.graphdef, ae_params, first, scale)
     return stages.diffusion_stage(stage, cfg, ae.graphdef, ae_params, scale, target_channels, source_channels,
                                   cfg.seed, init=init, residual_scale=residual_scale)
 
@@ -133,7 +134,7 @@ def run_stage(config, stage: str, workdir: str) -> dict:
 
     # --- model and optimiser -----------------------------------------------------------------------------
     stage_obj = build_stage(cfg, stage, workdir, example, train_ds)
-    n_params = count_parameters_state(stage_obj.params)
+    n_params = count_parameters(stage_obj.params)
     print(f"[{stage}] trainable parameters: {n_params:,}", flush=True)
     tx = runs.make_tx(cfg, stage)
     state = train_step.init_state(stage_obj.params, tx, cfg.seed, stage_obj.frozen)
@@ -237,10 +238,6 @@ def validate(evaluate, state, val_batches, seed: int) -> dict:
 def tx_learning_rate(cfg, stage: str, step: int) -> float:
     t = cfg.train
     return train_step.learning_rate_schedule(t.learning_rate, int(t.steps[stage]), t.warmup_steps)(step)
-
-
-def count_parameters_state(params) -> int:
-    return int(sum(np.size(x) for x in jax.tree.leaves(params)))
 
 
 def main(argv):

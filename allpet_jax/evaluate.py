@@ -57,7 +57,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 
 import jax
@@ -67,9 +66,10 @@ from absl import app, flags, logging
 from scipy import ndimage
 
 import radon
-from allpet_jax import metrics, sampling
-from allpet_jax.data.simulate import TASKS
-from allpet_jax.training import checkpointing, runs, stages
+from allpet_jax import metrics, sampling, tasks
+from allpet_jax.atomic_write import write_text
+from allpet_jax.models import latent
+from allpet_jax.training import checkpointing, objectives, runs, stages
 
 SIGMAS_PX = (0.0, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 """Gaussian post-filter widths (pixels) tried on the validation split."""
@@ -254,7 +254,7 @@ def autoencoder_roundtrip(trained, sino):
     scale = np.float32(trained.normalisation.target_scale)
     params = trained.state.frozen["ae"]
     x = jax.numpy.asarray(np.asarray(sino, np.float32) / scale)
-    roundtrip = jax.jit(lambda p, s: stages.decode(ae.graphdef, p, stages.encode(ae.graphdef, p, s, 1.0), 1.0,
+    roundtrip = jax.jit(lambda p, s: latent.decode(ae.graphdef, p, latent.encode(ae.graphdef, p, s, 1.0), 1.0,
                                                    s.shape[1]))
     return np.concatenate([np.asarray(roundtrip(params, x[i:i + 64])) for i in range(0, x.shape[0], 64)]) * scale
 
@@ -270,7 +270,7 @@ def source_images(trained, sample: dict, geom, channels: int) -> dict:
     osem = sampling.clinical_osem(sample["prompts"], geom, normalisation=sample["normalisation"],
                                   attenuation=sample["attenuation"], scatter=sample["scatter"],
                                   randoms=sample["randoms"]) / (scale * dose)
-    return {k: np.asarray(stages.match_channels(v, channels)) for k, v in (("fbp", fbp), ("osem", osem))}
+    return {k: np.asarray(latent.match_channels(v, channels)) for k, v in (("fbp", fbp), ("osem", osem))}
 
 
 def evaluate_paired(trained, workdir: str, n: int, sampler, steps: int, num_samples: int, seed: int,
@@ -291,7 +291,7 @@ def evaluate_paired(trained, workdir: str, n: int, sampler, steps: int, num_samp
     target = np.asarray(test["target"], np.float32)
     rows[CEILING_NOISY] = score_prediction(target, test, geom)
     rows[CEILING_AE] = score_prediction(autoencoder_roundtrip(trained, test["target_clean"]), test, geom)
-    identity = np.asarray(stages.match_channels(np.asarray(test["source"]) * to_target, channels))
+    identity = np.asarray(latent.match_channels(np.asarray(test["source"]) * to_target, channels))
     rows["identity"] = score_prediction(identity, test, geom)
     sigmas = tune_post_filter(source_images(trained, val, geom, channels), val)
     filtered = {m: gaussian(img, sigmas[m]) for m, img in source_images(trained, test, geom, channels).items()}
@@ -307,17 +307,17 @@ def evaluate_paired(trained, workdir: str, n: int, sampler, steps: int, num_samp
                             stage)
     models += [("ALL-PET", trained, 0.0, False)]
     models += [(f"ALL-PET + Poisson guidance {g:g}", trained, g, False) for g in guidance]
-    foundation_dir = os.path.join(workdir, "foundation") if workdir else ""
+    foundation_dir = os.path.join(workdir, tasks.STAGE_OF_TASK[tasks.SYNTHESIS]) if workdir else ""
     zero_pair_guidance = guidance if zero_pair_guidance is None else zero_pair_guidance
-    if task == "low_dose" and zero_pair_guidance and foundation_dir and checkpointing.has_checkpoint(foundation_dir):
+    if task == tasks.LOW_DOSE and zero_pair_guidance and foundation_dir and checkpointing.has_checkpoint(foundation_dir):
         foundation = runs.load_trained(foundation_dir, best=True)
         models += [(f"zero-pair: foundation + Poisson guidance {g:g}", foundation, g, True) for g in zero_pair_guidance]
     for name, model, g, zero_pair in models:
-        deterministic = stages.objective_of(model.name, model.config) == "regression"
+        deterministic = objectives.objective_of(model.name, model.config) == "regression"
         k = 1 if deterministic else num_samples
         if zero_pair:  # the foundation generates a full-dose sinogram from the prompt; the data steer it
             prompt = np.asarray(test["prompt"]).copy()
-            prompt[:, 2] = TASKS.index("synthesis")
+            prompt[:, 2] = tasks.task_id(tasks.SYNTHESIS)
             batch = sampling.model_batch(model, {"prompt": prompt, "geometry_only": np.zeros_like(target)})
         else:
             batch = sampling.model_batch(model, test)
@@ -392,24 +392,10 @@ def per_sample(rows: dict) -> dict:
                    for k, v in values.items()} for name, values in rows.items()}
 
 
-def write_atomic(directory: str, name: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=name + ".tmp-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(directory, name))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "", "training run directory")
 flags.DEFINE_string("checkpoint", "", "a stage directory instead of --workdir (no regressor rows then)")
-flags.DEFINE_string("task", "low_dose", "the task to score")
+flags.DEFINE_string("task", tasks.LOW_DOSE, "the task to score")
 flags.DEFINE_integer("n", 0, "test samples (default: the run's data.n_test; 256 in the cpu preset)")
 flags.DEFINE_string("sampler", "", "ddim, ddpm or ddbm (default: the model's objective's first)")
 flags.DEFINE_integer("steps", 50, "sampler steps")
@@ -432,7 +418,7 @@ def main(argv):
     os.makedirs(out, exist_ok=True)  # before minutes of sampling: an unwritable --out fails now
     n = FLAGS.n or sampling.pipeline.split_size(trained.config.data, "test")
     t0 = time.perf_counter()
-    if FLAGS.task == "synthesis":
+    if not tasks.is_paired(FLAGS.task):
         result = evaluate_synthesis(trained, n, FLAGS.sampler or None, FLAGS.steps, FLAGS.seed,
                                     cfg_scales=[float(c) for c in FLAGS.cfg_scale])
         summary = summarise(result.pop("rows"))
@@ -451,8 +437,8 @@ def main(argv):
               f"{time.perf_counter() - t0:.0f} s.\n\n`python -m allpet_jax.evaluate " + " ".join(sys.argv[1:]) + "`")
     record = {"task": FLAGS.task, "n": n, "checkpoint": trained.directory, "step": trained.step, "summary": summary,
               **result, **record}
-    write_atomic(out, "results.json", json.dumps(record, indent=1))
-    write_atomic(out, "results.md", header + "\n\n" + tables + "\n")
+    write_text(os.path.join(out, "results.json"), json.dumps(record, indent=1))
+    write_text(os.path.join(out, "results.md"), header + "\n\n" + tables + "\n")
     print(header + "\n\n" + tables + f"\n\nwrote {out}/results.md and results.json", flush=True)
 
 

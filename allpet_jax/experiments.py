@@ -18,6 +18,9 @@ import time
 
 import numpy as np
 
+from allpet_jax.atomic_write import write_text
+from allpet_jax.tasks import LOW_DOSE, PAIRED_TASKS, SYNTHESIS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -61,7 +64,7 @@ def _up_to_date(result: str, workdir: str, cmd: list, log_path: str) -> bool:
     return os.path.getmtime(result) > newest
 
 
-def run(workdir: str, preset: str, overrides=(), *, task: str = "low_dose", evaluate: bool = True,
+def run(workdir: str, preset: str, overrides=(), *, task: str = LOW_DOSE, evaluate: bool = True,
         eval_args=("--steps", "20")) -> Run:
     """`train.py --config configs/base.py:<preset> --workdir <workdir> --config.data.task=<task> <overrides>`,
     then (with `evaluate`) the evaluation of `task` on the test split into `workdir/eval`."""
@@ -140,11 +143,7 @@ def write_results(path: str, title: str, table: str, runs_by_arm: dict, preset: 
         if runs:
             lines.append(f"- {arm}:")
             lines += [f"  - `{' '.join(_relative(c))}`" for c in runs[0].commands]
-    tmp = path + ".tmp"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def machine() -> str:
@@ -166,9 +165,6 @@ def _relative(cmd: list) -> list:
         part = "python" if part == sys.executable else part
         out.append(part.replace(ROOT + os.sep, ""))
     return out
-
-
-PAIRED_TASKS = ("low_dose", "attenuation_correction", "delayed_frame", "tracer_conversion", "tracer_separation")
 
 
 def _is_sample(name: str) -> bool:  # one sample of the model without guidance
@@ -215,10 +211,10 @@ def run_tasks(runs_dir: str, preset: str, tasks=PAIRED_TASKS, overrides=(), eval
     first, others = tasks[0], tasks[1:]
     base = os.path.join(runs_dir, first)
     out = {first: run(base, preset, list(overrides), task=first, eval_args=eval_args)}
-    synthesis = [sys.executable, "-m", "allpet_jax.evaluate", "--workdir", base, "--task", "synthesis",
-                 "--out", os.path.join(runs_dir, "synthesis"), "--steps", "50"]
+    synthesis = [sys.executable, "-m", "allpet_jax.evaluate", "--workdir", base, "--task", SYNTHESIS,
+                 "--out", os.path.join(runs_dir, SYNTHESIS), "--steps", "50"]
     log = os.path.join(base, "run.log")
-    if not _up_to_date(os.path.join(runs_dir, "synthesis", "results.json"), base, synthesis, log):
+    if not _up_to_date(os.path.join(runs_dir, SYNTHESIS, "results.json"), base, synthesis, log):
         _call(synthesis, log)
     for task in others:
         out[task] = run(os.path.join(runs_dir, task), preset,
@@ -244,7 +240,7 @@ def main(argv=None) -> None:
     runs_by_task = run_tasks(os.path.abspath(args.runs), args.preset, tasks, args.overrides.split())
     table = task_table(runs_by_task)
     print(table)
-    with open(os.path.join(args.runs, "synthesis", "results.md")) as f:
+    with open(os.path.join(args.runs, SYNTHESIS, "results.md")) as f:
         table += "\n\nSynthesis (the foundation model, prompts of the test split):\n\n" + f.read()
     write_results(os.path.join(args.runs, "results.md"), "Tasks", table, {t: [r] for t, r in runs_by_task.items()},
                   args.preset, args.overrides.split())

@@ -1,5 +1,6 @@
 """Training losses of the latent diffusion model: the autoencoder loss, the (TMA-weighted) denoising loss,
-the RMAS positive/negative consistency term and the bridge loss for paired tasks.
+the RMAS positive/negative consistency term, masked completion, and the bridge and regression losses for
+paired tasks.
 
 Every loss is a pure function that returns `(total, parts)`, `parts` a dict of scalars for logging.
 Models enter as closures built inside the train step (`predict(x_t, t) -> output`,
@@ -215,8 +216,23 @@ def bridge_loss(predict, key, target, source, *, sigma: float = 1.0, weight=None
 
     Args:
       predict: `(x_t, t_model) -> x0_hat`; the source reaches it as a condition channel.
+      key: one key, or one per sample `(B,)`: then sample `b`'s time and noise depend only on its own key
+        (as in `draw_steps_and_noise`).
       target, source: latents `(B, h, w, z)` of the task's target and source.
+      weight: per-latent-pixel weight broadcastable to `target` (e.g. `tma_latent_weight`), or None.
     """
-    x_t, t_model = ddbm.bridge_training_input(key, target, source, sigma)
+    if jnp.ndim(key) == 0:
+        x_t, t_model = ddbm.bridge_training_input(key, target, source, sigma)
+    else:
+        x_t, t_model = jax.vmap(lambda k, a, b: ddbm.bridge_training_input(k, a[None], b[None], sigma))(
+            key, target, source)
+        x_t, t_model = x_t[:, 0], t_model[:, 0]
     loss = jnp.mean(weighted_mse(predict(x_t, t_model), target, weight))
     return loss, {"bridge": loss, "total": loss}
+
+
+def regression_loss(prediction, target, weight=None):
+    """Mean squared error of a deterministic regressor, `(loss, parts)` with parts "regression" and
+    "total"; `weight` broadcasts against `prediction` (e.g. `tma_latent_weight`)."""
+    loss = jnp.mean(weighted_mse(prediction, target, weight))
+    return loss, {"regression": loss, "total": loss}

@@ -6,9 +6,9 @@ are samples; rows are kinds of picture. Sinograms are shown angle down, bin acro
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
+
+from allpet_jax.atomic_write import atomic_path
 
 
 def _plt():
@@ -21,13 +21,13 @@ def _plt():
 
 
 def save_figure(fig, path: str, dpi: int = 80) -> str:
-    """Write `fig` to `path` atomically (temporary file, then rename), close it, return `path`."""
+    """Write `fig` to `path` atomically (`atomic_write.atomic_path`), close it, return `path`."""
     plt = _plt()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=dpi)
+    finally:
+        plt.close(fig)
     return path
 
 

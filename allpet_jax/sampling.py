@@ -32,26 +32,23 @@ import jax.numpy as jnp
 import numpy as np
 
 import radon
+from allpet_jax import tasks
 from allpet_jax.data import loaders, pipeline, sources
 from allpet_jax.data.kinetics import TRACERS
 from allpet_jax.data.phantoms import REGIONS
-from allpet_jax.data.simulate import TASKS
 from allpet_jax.training import checkpointing, runs
-
-STAGE_OF_TASK = {"synthesis": "foundation"}
-"""The stage directory that serves a task (`task` for every paired task)."""
 
 
 def load_for_task(task: str, workdir: str = "", checkpoint: str = "", stage: str = "",
                   best: bool = False) -> runs.TrainedStage:
     """The trained stage that runs `task`: `checkpoint` (a stage directory) if given, else
-    `workdir/<stage>` with `stage` defaulting to `foundation` for synthesis and `task` otherwise; with `best`,
-    its checkpoint with the best validation metric instead of the latest (`runs.load_trained`)."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
+    `workdir/<stage>` with `stage` defaulting to the one that serves the task (`tasks.STAGE_OF_TASK`:
+    `foundation` for synthesis, `task` otherwise); with `best`, its checkpoint with the best validation
+    metric instead of the latest (`runs.load_trained`)."""
+    tasks.task_id(task)  # an unknown name fails here, with the list of tasks
     if not (workdir or checkpoint):
         raise ValueError("give --workdir (a training run) or --checkpoint (a stage directory)")
-    directory = checkpoint or os.path.join(workdir, stage or STAGE_OF_TASK.get(task, "task"))
+    directory = checkpoint or os.path.join(workdir, stage or tasks.STAGE_OF_TASK[task])
     trained = runs.load_trained(directory, best=best)
     if trained.name == "autoencoder":
         raise checkpointing.CheckpointMismatchError(
@@ -118,13 +115,13 @@ def file_inputs(trained: runs.TrainedStage, path: str, variable: str = "", promp
     return inputs
 
 
-def parse_prompt(text: str, task: str = "synthesis") -> np.ndarray:
+def parse_prompt(text: str, task: str = tasks.SYNTHESIS) -> np.ndarray:
     """`"tracer=FDG,region=brain"` -> ids `[tracer, region, task]`. Tracer names match `TRACERS` by full
     name or by the part after the isotope (`FDG` = `18F-FDG`), case-insensitively. An empty `text` is
     the unconditional prompt (every id null, as the model saw it with classifier-free dropping); a key
     left out is null (`len(TRACERS)`, `len(REGIONS)`: the U-Net's null rows)."""
     if not text.strip():
-        return np.array([len(TRACERS), len(REGIONS), len(TASKS)], np.int32)
+        return np.array([len(TRACERS), len(REGIONS), tasks.NULL_TASK], np.int32)
     ids = {"tracer": len(TRACERS), "region": len(REGIONS)}
     for item in filter(None, (p.strip() for p in text.split(","))):
         if "=" not in item:
@@ -142,7 +139,7 @@ def parse_prompt(text: str, task: str = "synthesis") -> np.ndarray:
             ids["region"] = REGIONS.index(value.lower())
         else:
             raise ValueError(f"unknown --prompt key {key!r}; use tracer and region")
-    return np.array([ids["tracer"], ids["region"], TASKS.index(task)], np.int32)
+    return np.array([ids["tracer"], ids["region"], tasks.task_id(task)], np.int32)
 
 
 def synthesis_inputs(trained: runs.TrainedStage, n: int, prompt: np.ndarray, geom: radon.Geometry) -> dict:
@@ -206,13 +203,13 @@ def add_poisson_data(trained: runs.TrainedStage, batch: dict, inputs: dict, dose
     inputs' `dose`. Missing physics raise one `ValueError` naming them and how to provide them.
     """
     task = trained.meta["task"]
-    if task not in ("low_dose", "synthesis"):
+    if task not in (tasks.LOW_DOSE, tasks.SYNTHESIS):
         raise ValueError(f"Poisson guidance is for low_dose data, with a low_dose model or the foundation (synthesis) "
                          f"model (the zero-pair arm); the checkpoint's task is {task!r}")
-    low_dose = TASKS.index("low_dose")
+    low_dose = tasks.task_id(tasks.LOW_DOSE)
     if "prompt" in inputs:
         ids = np.asarray(inputs["prompt"])[:, 2]
-        other = sorted({TASKS[i] for i in ids.tolist() if i < len(TASKS) and i != low_dose})
+        other = sorted({tasks.TASKS[i] for i in ids.tolist() if i < len(tasks.TASKS) and i != low_dose})
         if other:
             raise ValueError(f"Poisson guidance measures low-dose prompts; these inputs are of task(s) {other} "
                              "(simulate them with a low_dose model's config: simulated_inputs(low_dose_model, n, "
@@ -238,9 +235,9 @@ def add_poisson_data(trained: runs.TrainedStage, batch: dict, inputs: dict, dose
     background = eta * (np.asarray(given["scatter"], np.float32) + np.asarray(given["randoms"], np.float32))
     out = dict(batch, guide_y=y, guide_gain=np.broadcast_to(gain, y.shape).astype(np.float32),
                guide_background=np.broadcast_to(background, y.shape).astype(np.float32))
-    if task == "synthesis":
+    if task == tasks.SYNTHESIS:
         prompt = np.array(batch["prompt"], np.int32)
-        prompt[prompt[:, 2] == low_dose, 2] = TASKS.index("synthesis")
+        prompt[prompt[:, 2] == low_dose, 2] = tasks.task_id(tasks.SYNTHESIS)
         out["prompt"] = prompt
     return out
 

@@ -25,7 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # --- data (DESIGN.md 2.2, allpet_jax/data/) ----------------------------------------------------------
     config.data = data = ml_collections.ConfigDict()
-    data.task = "low_dose"  # one of allpet_jax.data.simulate.TASKS
+    data.task = "low_dose"  # one of allpet_jax.tasks.TASKS
     data.source = "simulated"  # 'simulated' (the embedded PET simulator) or 'files' (data.path)
     # Geometry: image_size x image_size pixels of pixel_size mm; n_angles over [0, pi); n_bins of bin_spacing mm.
     data.image_size = 256
@@ -85,7 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.masks = masks = ml_collections.ConfigDict()
     masks.enabled = False  # set per stage by train.py: on for the foundation stage when masks.rmas
     masks.rmas = True  # foundation on RMAS/DMM views; False = plain synthesis pretraining (the ablation)
-    # How the foundation uses the views (allpet_jax/training/stages.py, one U-Net pass per record unless noted):
+    # How the foundation uses the views (allpet_jax/training/objectives.py, one U-Net pass per record unless noted):
     # 'completion': each record is synthesis (no condition), or with probability completion_prob masked
     #   completion: generate S given one view (P = M*S or N = (1-M)*S, even odds) and its mask as conditions,
     #   so the source-condition inputs that tasks read are trained in pretraining;
@@ -175,7 +175,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Task stage objective: 'diffusion' (sampled with DDIM/DDPM) or 'bridge' (DDBM from the source latent).
     diffusion.task_objective = "diffusion"
     diffusion.bridge_sigma = 1.0
-    # Task stage: diffuse the residual E(target) - E(source) instead of the target latent (stages.py).
+    # Task stage: diffuse the residual E(target) - E(source) instead of the target latent (objectives.PairedDiffusion).
     diffusion.residual = True
     # The diffusion task's prediction target: 'x0' makes a zero output the identity (the residual is 0), which
     # is how a task starts from the foundation (stages.warm_start_task); the foundation uses `parameterization`.

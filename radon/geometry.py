@@ -97,6 +97,25 @@ class Geometry:
         H, W = self.image_shape
         return 0.5 * min(min(H, W) * self.pixel_size, self.n_bins * self.bin_spacing)
 
+    def to_dict(self) -> dict:
+        """The fields as JSON types (lists, numbers, None): what shard manifests and checkpoints record."""
+        return {
+            "image_shape": list(self.image_shape),
+            "n_angles": self.n_angles,
+            "n_bins": self.n_bins,
+            "pixel_size": self.pixel_size,
+            "bin_spacing": self.bin_spacing,
+            "angles": None if self.angles is None else list(self.angles),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Geometry":
+        """The geometry `to_dict` recorded (`angles` may be absent)."""
+        angles = d.get("angles")
+        return cls(image_shape=tuple(d["image_shape"]), n_angles=d["n_angles"], n_bins=d["n_bins"],
+                   pixel_size=d["pixel_size"], bin_spacing=d["bin_spacing"],
+                   angles=None if angles is None else tuple(angles))
+
     @classmethod
     def square(cls, n: int, n_angles: int | None = None, **kwargs) -> "Geometry":
         """An `n x n` image with `n` bins of one pixel each and `n_angles` (default `n`) angles."""

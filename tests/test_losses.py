@@ -8,7 +8,7 @@ from flax import nnx
 
 import radon
 from allpet_jax import losses
-from allpet_jax.diffusion import linear_schedule, schedules
+from allpet_jax.diffusion import ddbm, linear_schedule, schedules
 from allpet_jax.models import LatentUNet, SinogramAutoencoder, condition_channel_count, condition_channels
 from model_helpers import TINY_AE, quick_jit, rngs
 
@@ -115,6 +115,28 @@ def test_bridge_loss_oracle_is_zero():
     target = jax.random.normal(jax.random.key(7, impl="rbg"), (2, 4, 4, 2))
     loss, parts = losses.bridge_loss(lambda x_t, t: target, jax.random.key(8, impl="rbg"), target, target + 1.0)
     assert float(loss) == 0.0 and set(parts) == {"bridge", "total"}
+
+
+def test_bridge_loss_per_sample_keys_draw_each_sample_alone():
+    """With one key per sample, sample b's bridge state is what a batch of one draws with its own key, so a
+    batch split over devices or micro-batches sees the same numbers."""
+    target = jax.random.normal(jax.random.key(7), (3, 4, 4, 2))
+    source = target + 1.0
+    keys = jax.random.split(jax.random.key(8), 3)
+    seen = []
+    losses.bridge_loss(lambda x_t, t: seen.append((x_t, t)) or x_t, keys, target, source, sigma=0.5)
+    for b in range(3):
+        x_t, t = ddbm.bridge_training_input(keys[b], target[b:b + 1], source[b:b + 1], 0.5)
+        np.testing.assert_allclose(np.asarray(seen[0][0][b]), np.asarray(x_t[0]), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(float(seen[0][1][b]), float(t[0]), rtol=1e-6)
+
+
+def test_regression_loss_is_the_weighted_mse():
+    pred, target = jnp.zeros((2, 3, 3, 1)), jnp.ones((2, 3, 3, 1))
+    weight = jnp.full((2, 3, 3, 1), 2.0).at[1].set(4.0)
+    loss, parts = losses.regression_loss(pred, target, weight)
+    assert float(loss) == pytest.approx(3.0) and set(parts) == {"regression", "total"}
+    assert float(losses.regression_loss(pred, target)[0]) == pytest.approx(1.0)
 
 
 def test_rmas_loss_gradients_finite_through_unet_and_decoder():

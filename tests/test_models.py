@@ -133,6 +133,7 @@ def test_new_unet_outputs_zero_and_samples_through_nnx_denoiser(tiny_unet):
 def test_parameter_count_by_hand(tiny_unet):
     lin = nnx.Linear(3, 4, rngs=rngs(0))
     assert count_parameters(lin) == 3 * 4 + 4
+    assert count_parameters(nnx.state(lin, nnx.Param)) == 3 * 4 + 4  # a parameter state counts the same
     unet = tiny_unet
     # the three id tables: (n + 1) rows (one null) of emb = 4 * 8 features
     table = parameter_overview(unet)
@@ -158,3 +159,7 @@ def test_sinogram_map_to_latent():
     c = condition_channels(2, (2, 3), 4, tma=m)
     assert c.shape == (2, 2, 3, 6)
     np.testing.assert_array_equal(c[..., :5], 0.0)
+    # a number for the mask: every ray known (1.0), the same channel as a sinogram mask of ones
+    np.testing.assert_array_equal(condition_channels(2, (2, 3), 4, mask=1.0),
+                                  condition_channels(2, (2, 3), 4, mask=jnp.ones((2, 8, 12))))
+    np.testing.assert_array_equal(condition_channels(2, (2, 3), 4, mask=1.0)[..., 4], 1.0)

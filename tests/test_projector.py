@@ -168,6 +168,17 @@ def test_geometry_is_hashable_and_static():
     np.testing.assert_allclose(radon.Geometry((8, 8), 4, 8).theta, np.arange(4) * np.pi / 4)
 
 
+def test_geometry_round_trips_through_json():
+    import json
+
+    for geom in (radon.Geometry((8, 6), 4, 10, pixel_size=2.0, bin_spacing=1.5, angles=np.linspace(0, 1, 4)),
+                 radon.Geometry((8, 8), 4, 8)):
+        record = json.loads(json.dumps(geom.to_dict()))
+        assert radon.Geometry.from_dict(record) == geom
+    assert record == {"image_shape": [8, 8], "n_angles": 4, "n_bins": 8, "pixel_size": 1.0, "bin_spacing": 1.0,
+                      "angles": None}
+
+
 def test_bad_inputs_name_expected_and_given():
     geom = radon.Geometry((16, 16), 8, 16)
     with pytest.raises(ValueError, match=r"rank >= 2.*got rank 1"):

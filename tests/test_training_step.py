@@ -130,7 +130,8 @@ def test_two_channel_task_starts_from_a_one_channel_foundation():
     sys.path.insert(0, os.path.dirname(HERE))
     from flax import nnx
 
-    from allpet_jax.data.simulate import TASKS
+    from allpet_jax.models import latent
+    from allpet_jax.tasks import TASKS
     from allpet_jax.training import runs, stages
     from configs import base
 
@@ -166,8 +167,8 @@ def test_two_channel_task_starts_from_a_one_channel_foundation():
         batch = {k: jnp.asarray(v) for k, v in stages.random_batch(task_cfg, "task", 2).items()}
         batch["target"] = jnp.concatenate([batch["target"]] * 2, axis=1)
         out = warm.generate(warm.params, warm.frozen, batch, jax.random.key(0), num_steps=2)
-        base_ = stages.decode(ae.graphdef, ae.params, stages.encode(
-            ae.graphdef, ae.params, stages.match_channels(batch["source"], 2), 1.0), 1.0, 2)
+        base_ = latent.decode(ae.graphdef, ae.params, latent.encode(
+            ae.graphdef, ae.params, latent.match_channels(batch["source"], 2), 1.0), 1.0, 2)
         np.testing.assert_allclose(np.asarray(out), np.asarray(base_), atol=1e-5)
 
 def test_classifier_free_guidance_at_0_is_the_null_prompt_and_at_1_the_plain_model():

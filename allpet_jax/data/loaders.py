@@ -64,7 +64,7 @@ def list_variables(path) -> list[str]:
     """Names of the arrays stored in a `.npz` or `.mat` file (MATLAB's internal `#refs#` etc. excluded)."""
     fmt = file_format(path)
     if fmt == "npz":
-        with _open_npz(path) as z:
+        with open_npz(path) as z:
             return sorted(z.files)
     if fmt == "mat":
         if _is_hdf5(path):
@@ -201,7 +201,8 @@ _PICKLE_PROBLEM = (
 )
 
 
-def _open_npz(path):
+def open_npz(path):
+    """`numpy.load` of an `.npz` file (no pickles); a corrupt or truncated file raises `DataFileError`."""
     try:
         return np.load(os.fspath(path), allow_pickle=False)
     except FileNotFoundError:
@@ -211,7 +212,7 @@ def _open_npz(path):
 
 
 def _read_npz(path, variable):
-    with _open_npz(path) as z:
+    with open_npz(path) as z:
         name = _pick_variable(path, variable, sorted(z.files))
         try:
             return z[name]

@@ -20,7 +20,7 @@ from radon import Geometry
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m allpet_jax.data.make", description=__doc__.split("\n\n")[0])
-    p.add_argument("--task", required=True, help="task name, e.g. low_dose (see allpet_jax.data.simulate.TASKS)")
+    p.add_argument("--task", required=True, help="task name, e.g. low_dose (see allpet_jax.tasks.TASKS)")
     p.add_argument("--n", type=int, required=True, help="number of samples")
     p.add_argument("--out", required=True, help="output directory (created if needed)")
     p.add_argument("--split", default="train", choices=sources.SPLITS, help="split, which selects disjoint keys")

@@ -270,7 +270,7 @@ def make_source(data, split: str, *, simulate: Callable | None = None, progress:
         return simulated
     directory = os.path.join(data.cache_dir, split)
     manifest = os.path.join(directory, sources.MANIFEST)
-    if not (os.path.exists(manifest) and sources._read_json(manifest).get("complete")):
+    if not (os.path.exists(manifest) and sources.read_manifest_file(manifest).get("complete")):
         sources.write_shards(directory, simulated, shard_size=data.get("shard_size", 64), progress=progress)
     shards = sources.ShardSource(directory)
     expected = simulated.manifest_header()

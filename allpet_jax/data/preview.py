@@ -61,7 +61,7 @@ def preview_figure(sample: dict, geom, task: str):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", required=True, help="one of allpet_jax.data.simulate.TASKS")
+    p.add_argument("--task", required=True, help="one of allpet_jax.tasks.TASKS")
     p.add_argument("--out", required=True, help="output PNG path")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=128, help="image side and number of bins")
@@ -73,7 +73,8 @@ def main(argv=None):
     import jax
 
     import radon
-    from allpet_jax.data.simulate import TASKS, simulate_pair
+    from allpet_jax.data.simulate import simulate_pair
+    from allpet_jax.tasks import TASKS
 
     if args.task not in TASKS:
         p.error(f"--task must be one of {TASKS}; got {args.task!r}")

@@ -46,8 +46,8 @@ corrected* (NAC) data: `y / eta - r`, normalised and randoms-corrected but neith
 scatter-corrected (scatter correction needs the attenuation map), as in clinical NAC images. Sinograms
 are not decay corrected: a delayed frame has fewer counts, as measured.
 
-Tasks (`TASKS`) and their pairs; source and target come from the same phantom
------------------------------------------------------------------------------
+Tasks (`TASKS`, named in `allpet_jax/tasks.py`) and their pairs; source and target come from the same phantom
+-------------------------------------------------------------------------------------------------------------
 - `synthesis`: target = one full-dose frame; source = zeros (1 channel): generation is conditioned on
   the prompt only.
 - `low_dose`: source = a separate acquisition at dose fraction `d` (default drawn from
@@ -125,11 +125,10 @@ from jax.scipy.special import ndtri
 from allpet_jax.data import kinetics, phantoms
 from allpet_jax.data.kinetics import TRACERS
 from allpet_jax.data.phantoms import LABEL_IDS, REGIONS
+from allpet_jax.tasks import TASKS
 from radon.geometry import Geometry
 from radon.projector import forward
 
-TASKS = ("synthesis", "low_dose", "attenuation_correction", "delayed_frame", "tracer_conversion", "tracer_separation")
-"""Task names; a task's id is its index here."""
 DOSE_FRACTIONS = (1 / 4, 1 / 10, 1 / 20, 1 / 50, 1 / 100)
 """Dose fractions drawn for `low_dose` when `dose` is not given."""
 COUNTS_RANGE = (1e5, 1e6)

@@ -62,6 +62,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from allpet_jax.atomic_write import atomic_path, write_text
 from allpet_jax.data import loaders
 from radon import Geometry
 
@@ -130,7 +131,7 @@ class SimulatedSource(_Source):
     Simulation runs on `device` (default the CPU, so it never takes accelerator memory from training).
 
     Args:
-      task: a task name from `simulate.TASKS`.
+      task: a task name from `allpet_jax.tasks.TASKS`.
       geom: the sinogram/image geometry.
       n: number of samples in the split.
       seed: dataset seed.
@@ -234,29 +235,6 @@ class _nullcontext:
 # --- shards -------------------------------------------------------------------------------------------
 
 
-def geometry_to_dict(geom: Geometry) -> dict:
-    return {
-        "image_shape": list(geom.image_shape),
-        "n_angles": geom.n_angles,
-        "n_bins": geom.n_bins,
-        "pixel_size": geom.pixel_size,
-        "bin_spacing": geom.bin_spacing,
-        "angles": None if geom.angles is None else list(geom.angles),
-    }
-
-
-def geometry_from_dict(d: dict) -> Geometry:
-    angles = d.get("angles")
-    return Geometry(
-        image_shape=tuple(d["image_shape"]),
-        n_angles=d["n_angles"],
-        n_bins=d["n_bins"],
-        pixel_size=d["pixel_size"],
-        bin_spacing=d["bin_spacing"],
-        angles=None if angles is None else tuple(angles),
-    )
-
-
 def _header(task, split, seed, count, geom, options) -> dict:
     try:
         options = json.loads(json.dumps(options, sort_keys=True))
@@ -269,7 +247,7 @@ def _header(task, split, seed, count, geom, options) -> dict:
         "split": split,
         "seed": int(seed),
         "count": int(count),
-        "geometry": geometry_to_dict(geom),
+        "geometry": geom.to_dict(),
         "options": options,
     }
 
@@ -321,7 +299,7 @@ def _resumable_shards(directory, header) -> tuple[dict, dict]:
     path = os.path.join(directory, MANIFEST)
     if not os.path.exists(path):
         return {}, {}
-    old = _read_json(path)
+    old = read_manifest_file(path)
     old_header = {k: old.get(k) for k in header}
     if old_header != header:
         diff = [k for k in header if old_header[k] != header[k]]
@@ -334,32 +312,16 @@ def _resumable_shards(directory, header) -> tuple[dict, dict]:
 
 def _write_npz_atomic(path, arrays: dict) -> None:
     """An uncompressed `.npz` (readable by `numpy.load`) with fixed timestamps, written then renamed."""
-    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-    try:
+    with atomic_path(path) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             for name in sorted(arrays):
                 info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
                 with zf.open(info, "w", force_zip64=True) as fh:
                     np.lib.format.write_array(fh, np.ascontiguousarray(arrays[name]), allow_pickle=False)
-        _fsync(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _write_json_atomic(path, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-    _fsync(tmp)
-    os.replace(tmp, path)
-
-
-def _fsync(path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
+    write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 def _sha256(path) -> str | None:
@@ -372,7 +334,8 @@ def _sha256(path) -> str | None:
     return h.hexdigest()
 
 
-def _read_json(path) -> dict:
+def read_manifest_file(path) -> dict:
+    """The JSON of a shard manifest file, complete or not (`read_manifest` checks it)."""
     try:
         with open(path) as f:
             return json.load(f)
@@ -387,7 +350,7 @@ def read_manifest(directory, *, verify: bool = True) -> dict:
         raise loaders.DataFileError(
             directory, f"no {MANIFEST}: not a shard directory (write one with `python -m allpet_jax.data.make`)"
         )
-    manifest = _read_json(path)
+    manifest = read_manifest_file(path)
     if manifest.get("format") != SHARD_FORMAT or manifest.get("version") != SHARD_VERSION:
         raise loaders.DataFileError(
             path, f"not a {SHARD_FORMAT} v{SHARD_VERSION} manifest (format {manifest.get('format')!r}, "
@@ -434,7 +397,7 @@ class ShardSource(_Source):
         self.directory = os.fspath(directory)
         self.manifest = read_manifest(self.directory, verify=verify)
         self.task, self.split, self.seed = self.manifest["task"], self.manifest["split"], self.manifest["seed"]
-        self.geom = geometry_from_dict(self.manifest["geometry"])
+        self.geom = Geometry.from_dict(self.manifest["geometry"])
         self.options = self.manifest["options"]
         missing = [] if fields is None else [f for f in fields if f not in self.manifest["fields"]]
         if missing:
@@ -468,7 +431,7 @@ class ShardSource(_Source):
     def _load_shard(self, s: int) -> dict:
         entry = self.manifest["shards"][s]
         path = os.path.join(self.directory, entry["file"])
-        with loaders._open_npz(path) as z:
+        with loaders.open_npz(path) as z:
             arrays = {}
             for f in self.fields:
                 spec = self.manifest["fields"][f]

@@ -7,8 +7,8 @@ stages); any geometry whose sizes are divisible by `f` works, so one autoencoder
 128 x 128 sinograms alike. The small KL weight of the loss (`allpet_jax.losses.autoencoder_loss`) only
 keeps the latent scale tame, as in Rombach et al. (2022); it is not a VAE prior to sample from.
 
-Not here: the loss (in `allpet_jax/losses.py`), training (`train.py`), latent scaling for the diffusion
-stage (`latent_scale`).
+Not here: the loss (in `allpet_jax/losses.py`), training (`train.py`), multi-channel sinograms through
+this single-channel model and the latent scale of the diffusion stages (`latent.py`).
 """
 
 from __future__ import annotations
@@ -219,8 +219,3 @@ class SinogramAutoencoder(nnx.Module):
         mean, logvar = self.encode(sino)
         z = mean if key is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
         return self.decode(z), mean, logvar
-
-
-def latent_scale(latents) -> jnp.ndarray:
-    """`1 / std` of a batch of latents: multiply latents by it before diffusion (Rombach et al. 2022)."""
-    return 1.0 / jnp.maximum(jnp.std(latents), 1e-6)

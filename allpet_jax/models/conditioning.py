@@ -3,7 +3,7 @@ condition channels assembled from them.
 
 Layout of the condition channels (`condition_channels`): `[source latent (z), mask (1), TMA map (1)]`,
 `z + 2` channels in all; any part that is absent is zeros, so one network serves synthesis (no source),
-paired tasks (with source) and the three RMAS views (mask all-ones for the full sinogram).
+paired tasks (with source, every ray known: mask 1) and the RMAS views (the view's ray mask).
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ def condition_channels(batch: int, latent_hw: tuple[int, int], latent_channels: 
 
     Args:
       source: task source latent `(B, h, w, latent_channels)` or None.
-      mask: RMAS sinogram mask `(B, n_angles, n_bins)` (1 = kept) or None.
+      mask: RMAS sinogram mask `(B, n_angles, n_bins)` (1 = kept), a number that every ray shares (1.0:
+        all rays known, as for a task's source), or None.
       tma: TMA sinogram attention `(B, n_angles, n_bins)` in [0, 1] or None.
     """
     h, w = latent_hw
@@ -54,5 +55,10 @@ def condition_channels(batch: int, latent_hw: tuple[int, int], latent_channels: 
         raise ValueError(f"source latent must be {(batch, h, w, latent_channels)}; got {source.shape}")
     parts = [source.astype(jnp.float32)]
     for m in (mask, tma):
-        parts.append(zeros(1) if m is None else sinogram_map_to_latent(m, latent_hw))
+        if m is None:
+            parts.append(zeros(1))
+        elif isinstance(m, (int, float)):
+            parts.append(jnp.full((batch, h, w, 1), m, jnp.float32))
+        else:
+            parts.append(sinogram_map_to_latent(m, latent_hw))
     return jnp.concatenate(parts, axis=-1)

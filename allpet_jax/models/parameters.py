@@ -6,9 +6,12 @@ import jax
 from flax import nnx
 
 
-def count_parameters(module: nnx.Module) -> int:
-    """Number of scalars in the module's `nnx.Param` variables."""
-    return int(sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param))))
+def count_parameters(tree) -> int:
+    """Number of scalars in a module's `nnx.Param` variables, or in a parameter state (any pytree of
+    arrays, e.g. `Stage.params`)."""
+    if isinstance(tree, nnx.Module):
+        tree = nnx.state(tree, nnx.Param)
+    return int(sum(x.size for x in jax.tree.leaves(tree)))
 
 
 def parameter_overview(module: nnx.Module, depth: int = 1) -> str:

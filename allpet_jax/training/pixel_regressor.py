@@ -3,7 +3,7 @@
 A `LatentUNet` run directly on the normalised sinograms (channels last, `(B, A, Bn, C)`) maps the
 source to the target in one pass: zero input, `t = 0`, the source as condition channels, the prompt
 ids as in the other stages (never dropped). There is no autoencoder, so unlike the latent `regressor`
-of `stages.py` its output is not capped by the autoencoder's reconstruction ceiling.
+(`objectives.Regression`) its output is not capped by the autoencoder's reconstruction ceiling.
 
 It predicts the residual `target - match_channels(source)`; the U-Net's output convolution starts at
 zero, so the untrained model is exactly the identity baseline (DESIGN.md 2.5, "warm start begins at
@@ -19,8 +19,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from allpet_jax import losses
+from allpet_jax.models.latent import match_channels
 from allpet_jax.models.unet import LatentUNet
-from allpet_jax.training import stages
+from allpet_jax.training import objectives, stages
 
 NAME = "pixel_regressor"
 CONFIG_FIELDS = ("pixel_unet_channels", "pixel_attention_levels")
@@ -53,10 +54,10 @@ def pixel_regressor_stage(config, target_channels: int, source_channels: int, se
     _check_geometry(config)
     graphdef, params = stages.split_model(build_pixel_unet(config, target_channels, source_channels, seed))
     tma_alpha = float(config.tma.alpha) if config.tma.enabled else 0.0
-    samplers = stages.SAMPLERS[stages.objective_of(NAME, config)]
+    samplers = objectives.SAMPLERS[objectives.objective_of(NAME, config)]
 
     def baseline(batch):
-        return stages.match_channels(batch["source"], target_channels)
+        return match_channels(batch["source"], target_channels)
 
     def residual(p, batch):
         """The predicted residual `(B, A, Bn, target_channels)` (channels last, normalised units)."""
@@ -64,22 +65,19 @@ def pixel_regressor_stage(config, target_channels: int, source_channels: int, se
         B = source.shape[0]
         unet = nnx.merge(graphdef, p)
         zeros = jnp.zeros(source.shape[:-1] + (target_channels,), source.dtype)
-        prompt = stages.prompt_of(batch, source.shape[1:3])
+        prompt = objectives.prompt_of(batch, source.shape[1:3])
         return unet(zeros, jnp.zeros((B,)), prompt=prompt, cond=source)
 
     def loss_of(res, batch):
         target = jnp.moveaxis(batch["target"] - baseline(batch), 1, -1)
-        weight = None
-        if tma_alpha and "tma" in batch:  # the map is at sinogram resolution: the "latent" grid is the sinogram
-            weight = losses.tma_latent_weight(batch["tma"], target.shape[1:3], tma_alpha)
-        return jnp.mean(losses.weighted_mse(res, target, weight))
+        # the map is at sinogram resolution: the "latent" grid is the sinogram
+        return losses.regression_loss(res, target, objectives.tma_weight(batch, target.shape[1:3], tma_alpha))
 
     def loss_fn(p, frozen, batch, keys):
-        loss = loss_of(residual(p, batch), batch)
-        return loss, {"regression": loss, "total": loss}
+        return loss_of(residual(p, batch), batch)
 
     def generate(p, frozen, batch, key, sampler: str | None = None, num_steps: int | None = None,
-                 eta: float | None = None, guidance: float = 0.0):
+                 eta: float | None = None, guidance: float = 0.0, cfg_scale: float = 1.0):
         """Normalised sinograms `(B, target_channels, A, Bn)` for `batch` (reads `source` and `prompt`).
         Deterministic: `key`, `num_steps` and `eta` are unused."""
         if (sampler or samplers[0]) not in samplers:
@@ -87,12 +85,15 @@ def pixel_regressor_stage(config, target_channels: int, source_channels: int, se
                              f"(or None); got sampler {sampler!r}")
         if guidance:
             raise ValueError(f"the {NAME} model has no sampling loop to guide; use guidance=0 (got {guidance!r})")
+        if cfg_scale != 1.0:
+            raise ValueError(f"the {NAME} model is not trained with prompt dropping, so it has no classifier-free "
+                             f"guidance; use cfg_scale=1 (got {cfg_scale!r})")
         return baseline(batch) + jnp.moveaxis(residual(p, batch), -1, 1)
 
     def evaluate(p, frozen, batch, key):
         res = residual(p, batch)
         out, target = baseline(batch) + jnp.moveaxis(res, -1, 1), batch["target"]
-        return {"val_loss": loss_of(res, batch), "val_psnr": jnp.mean(stages.psnr(out, target)),
+        return {"val_loss": loss_of(res, batch)[0], "val_psnr": jnp.mean(stages.psnr(out, target)),
                 "val_psnr_source": jnp.mean(stages.psnr(baseline(batch), target))}
 
     def preview(p, frozen, batch, key):

@@ -14,8 +14,8 @@ import os
 
 import ml_collections
 
+from allpet_jax import tasks
 from allpet_jax.data import pipeline
-from allpet_jax.data.sources import geometry_to_dict
 from allpet_jax.training import checkpointing, pixel_regressor, stages
 from allpet_jax.training import step as train_step
 
@@ -28,7 +28,7 @@ def stage_config(config, stage: str):
     cfg = config.copy_and_resolve_references()
     cfg.unlock()
     if stage == "foundation":
-        cfg.data.task = "synthesis"
+        cfg.data.task = tasks.SYNTHESIS
     if cfg.data.cache_dir:  # one shard cache per task, so the stages can share a cache root
         cfg.data.cache_dir = os.path.join(cfg.data.cache_dir, cfg.data.task)
     # With model.ae_views the autoencoder also trains on the masked views the foundation encodes.
@@ -48,7 +48,7 @@ def stage_meta(cfg, stage: str) -> dict:
     return {
         "stage": stage,
         "task": cfg.data.task,
-        "geometry": geometry_to_dict(pipeline.geometry_from_config(cfg.data)),
+        "geometry": pipeline.geometry_from_config(cfg.data).to_dict(),
         "model": model_record(cfg.model, stage),
         "recipe": recipe(cfg, stage),
     }

@@ -2,28 +2,28 @@
 
 - `autoencoder`: the KL sinogram autoencoder on every sinogram channel of the task's data and, with RMAS
   on, on the masked views of its targets that the foundation encodes.
-- `foundation`: the latent diffusion model for synthesis, trained on the RMAS/DMM triplet (full,
-  positive, negative views) with the positive/negative consistency loss.
+- `foundation`: the latent diffusion model for synthesis, trained on RMAS views (masked completion or the
+  paper's triplet, `objectives.Completion` / `objectives.Triplet`).
 - `task`: low-shot fine-tuning for one paired task: the target latent is generated conditioned on the
-  source latent (and the TMA map), with the diffusion loss weighted by `1 + alpha * A_sino`.
+  source latent (and the TMA map), with the loss weighted by `1 + alpha * A_sino` (`objectives.PairedDiffusion`
+  or `objectives.Bridge`, by `diffusion.task_objective`).
 - `regressor`: the evaluation's deterministic baseline, the same U-Net trained on the same pairs as a
-  plain regression source -> target.
+  plain regression source -> target (`objectives.Regression`).
 - `pixel_regressor`: the evaluation's strong baseline, a U-Net on the sinograms themselves (no
-  autoencoder); it lives in `pixel_regressor.py` and uses the helpers here.
-
-Autoencoder channels: every sinogram channel is encoded on its own (channels fold into the batch), so
-one single-channel autoencoder serves 1-channel sources and 2-channel separation targets; a C-channel
-sinogram's latent is the C per-channel latents concatenated on the channel axis, times `latent_scale`.
+  autoencoder); it lives in `pixel_regressor.py` and uses the builders here.
 
 Each stage gives a `Stage`: the trainable parameters, the frozen ones (autoencoder and latent scale for
-the diffusion stages), the loss, a validation function, the validation metric that picks the best
-checkpoint, and a preview for the sample grid. Nothing here runs a loop; `train.py` does.
+the latent stages), the loss, a validation function, the validation metric that picks the best
+checkpoint, and a preview for the sample grid. This module reads the config and assembles those from
+the pieces that do the work: the latent space (`models/latent.py`), the objectives (`objectives.py`), the
+losses and the samplers. It also holds the warm start of a task from the foundation. Nothing here runs
+a loop; `train.py` does.
 
 Validation: the autoencoder reports reconstruction PSNR; the diffusion stages report `val_loss`, the
 training loss on the validation batch with fixed keys (the standard progress measure of diffusion
 training, and the only one for synthesis, where a sample is not meant to match any one sinogram); the
-task stage also samples with DDIM and reports the samples' PSNR against the target next to the
-identity baseline (the source itself).
+paired stages also sample (DDIM for the diffusion task) and report the samples' PSNR against the target
+next to the identity baseline (the source itself).
 """
 
 from __future__ import annotations
@@ -36,15 +36,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from allpet_jax import losses
+from allpet_jax import losses, metrics
 from allpet_jax.data.kinetics import TRACERS
 from allpet_jax.data.phantoms import REGIONS
-from allpet_jax.data.simulate import TASKS
-from allpet_jax.diffusion import ddbm, ddim, ddpm, physics_guidance, schedules
-from allpet_jax.diffusion.guidance import GuidedDenoiser
-from allpet_jax.diffusion.model_function import NNXDenoiser
+from allpet_jax.diffusion import schedules
+from allpet_jax.models import latent
 from allpet_jax.models.autoencoder import SinogramAutoencoder
-from allpet_jax.models.unet import LatentUNet, Prompt
+from allpet_jax.models.conditioning import condition_channel_count
+from allpet_jax.models.unet import LatentUNet
+from allpet_jax.tasks import TASKS
+from allpet_jax.training import objectives
 
 STAGES = ("autoencoder", "foundation", "task", "regressor", "pixel_regressor")
 
@@ -144,11 +145,10 @@ def warm_start_task(pretrained, fresh, *, z: int, channels: tuple[int, int], fou
 
 
 def psnr(pred, target):
-    """Per-sample PSNR in dB `(B,)` with the target's own peak as the data range."""
-    axes = tuple(range(1, target.ndim))
-    mse = jnp.mean((pred - target) ** 2, axis=axes)
-    peak = jnp.max(target, axis=axes)
-    return 10.0 * jnp.log10(jnp.maximum(peak, 1e-12) ** 2 / jnp.maximum(mse, 1e-20))
+    """Validation PSNR in dB `(B,)`: `metrics.psnr` with each target's own peak as the data range. (The
+    evaluation's default range, `max - min` of the target, is the same for sinograms whose minimum is 0.)"""
+    peak = jnp.max(target, axis=tuple(range(1, target.ndim)))
+    return metrics.psnr(pred, target, data_range=jnp.maximum(peak, 1e-12))
 
 
 # --- autoencoder --------------------------------------------------------------------------------------
@@ -168,29 +168,6 @@ def build_autoencoder(model_cfg, seed: int) -> SinogramAutoencoder:
         num_res_blocks=model_cfg.ae_res_blocks,
         rngs=model_rngs(seed),
     )
-
-
-def _channels_to_batch(sino):
-    B, C = sino.shape[:2]
-    return sino.reshape((B * C, 1) + sino.shape[2:])
-
-
-def encode(ae_graphdef, ae_params, sino, scale):
-    """Latent `(B, h, w, C * z)` (posterior mean, times `scale`) of sinograms `(B, C, A, Bn)`."""
-    model = nnx.merge(ae_graphdef, ae_params)
-    B, C = sino.shape[:2]
-    mean, _ = model.encode(_channels_to_batch(sino))
-    mean = mean.reshape((B, C) + mean.shape[1:])  # (B, C, h, w, z)
-    return scale * jnp.moveaxis(mean, 1, -2).reshape(mean.shape[:1] + mean.shape[2:4] + (-1,))
-
-
-def decode(ae_graphdef, ae_params, latent, scale, channels: int):
-    """Sinograms `(B, C, A, Bn)` from latents `(B, h, w, C * z)`."""
-    model = nnx.merge(ae_graphdef, ae_params)
-    B, h, w, cz = latent.shape
-    z = latent.reshape(B, h, w, channels, cz // channels) / scale
-    sino = model.decode(jnp.moveaxis(z, 3, 1).reshape(B * channels, h, w, cz // channels))
-    return sino.reshape((B, channels) + sino.shape[2:])
 
 
 def autoencoder_stage(config, seed: int, init_batch: dict | None = None) -> Stage:
@@ -222,11 +199,11 @@ def autoencoder_stage(config, seed: int, init_batch: dict | None = None) -> Stag
     def evaluate(p, frozen, batch, key):
         sino = _all_sinograms(batch, views=False)
         recon = reconstruct(p, sino)
-        metrics = {"val_psnr": jnp.mean(psnr(recon, sino)), "val_l1": jnp.mean(jnp.abs(recon - sino))}
+        out = {"val_psnr": jnp.mean(psnr(recon, sino)), "val_l1": jnp.mean(jnp.abs(recon - sino))}
         if "positive" in batch:  # the masked views the foundation encodes (RMAS on)
-            views = jnp.concatenate([_channels_to_batch(batch[k]) for k in ("positive", "negative")])
-            metrics["val_psnr_views"] = jnp.mean(psnr(reconstruct(p, views), views))
-        return metrics
+            views = jnp.concatenate([latent.channels_to_batch(batch[k]) for k in ("positive", "negative")])
+            out["val_psnr_views"] = jnp.mean(psnr(reconstruct(p, views), views))
+        return out
 
     def preview(p, frozen, batch, key):
         sino = _all_sinograms(batch, views=False)
@@ -241,21 +218,17 @@ def _all_sinograms(batch, views: bool = True):
     negative views when the batch has them: the foundation encodes those) as single-channel sinograms
     `(N, 1, A, Bn)`."""
     keys = ("target", "source") + (("positive", "negative") if views else ())
-    return jnp.concatenate([_channels_to_batch(batch[k]) for k in keys if k in batch])
+    return jnp.concatenate([latent.channels_to_batch(batch[k]) for k in keys if k in batch])
 
 
-def measure_latent_scale(ae_graphdef, ae_params, batches) -> float:
-    """`1 / std` of the autoencoder's latents over a few training batches (Rombach et al. 2022)."""
-    latents = [np.asarray(encode(ae_graphdef, ae_params, jnp.asarray(b["target"]), 1.0)) for b in batches]
-    return float(1.0 / max(np.std(np.concatenate([x.ravel() for x in latents])), 1e-6))
-
-
-# --- latent diffusion ----------------------------------------------------------------------------------
+# --- latent U-Net stages -------------------------------------------------------------------------------
 
 
 def build_unet(config, target_channels: int, source_channels: int, seed: int) -> LatentUNet:
+    """The latent U-Net of the diffusion stages: `target_channels` sinogram channels' latents out, the
+    condition channels of `conditioning.condition_channels` (source latent, RMAS mask, TMA) in."""
     z = config.model.latent_channels
-    return prompted_unet(config.model, target_channels * z, source_channels * z + 2,  # source latent, RMAS mask, TMA
+    return prompted_unet(config.model, target_channels * z, condition_channel_count(source_channels * z),
                          config.model.unet_channels, config.model.attention_levels, seed)
 
 
@@ -284,292 +257,74 @@ def make_schedule(diffusion_cfg):
     raise ValueError(f"diffusion.schedule must be 'cosine' or 'linear'; got {diffusion_cfg.schedule!r}")
 
 
-def prompt_of(batch, sino_shape) -> Prompt:
-    """The model prompt from `batch['prompt']` `(B, 3)` (tracer, region and task ids: indices into
-    `TRACERS`, `REGIONS`, `TASKS`) and the sinogram geometry `(n_angles, n_bins)`."""
-    ids = jnp.asarray(batch["prompt"], jnp.int32)
-    B = ids.shape[0]
-    geometry = jnp.broadcast_to(jnp.asarray(sino_shape, jnp.float32), (B, 2))
-    return Prompt(tracer=ids[:, 0], region=ids[:, 1], task=ids[:, 2], geometry=geometry)
-
-
-def drop_prompt(prompt: Prompt, drop, null_ids) -> Prompt:
-    """Classifier-free guidance training: where `drop` `(B,)` is true every id becomes its table's null id
-    (`LatentUNet.null_ids`); the geometry is never dropped."""
-    tracer, region, task = (jnp.where(drop, n, ids) for n, ids in zip(null_ids, prompt[:3]))
-    return prompt._replace(tracer=tracer, region=region, task=task)
-
-
-def _latent_map(sino_map, latent_hw):
-    from allpet_jax.models.conditioning import sinogram_map_to_latent
-
-    return sinogram_map_to_latent(sino_map, latent_hw)
-
-
-SAMPLERS = {"diffusion": ("ddim", "ddpm"), "bridge": ("ddbm",), "regression": ("direct",)}
-"""The samplers each objective's model can be sampled with."""
-
-
-def objective_of(name: str, config) -> str:
-    """`synthesis` (foundation), `diffusion` or `bridge` (task, `config.diffusion.task_objective`) or
-    `regression` (the deterministic baselines `regressor` and `pixel_regressor`)."""
-    if name == "foundation":
-        return "synthesis"
-    if name in ("regressor", "pixel_regressor"):
-        return "regression"
-    objective = config.diffusion.get("task_objective", "diffusion")  # configs saved before it existed
-    if objective not in ("diffusion", "bridge"):
-        raise ValueError(f"diffusion.task_objective must be 'diffusion' or 'bridge'; got {objective!r}")
-    return objective
+def make_objective(name: str, config, unet_graphdef, null_ids, ae_graphdef, target_channels: int,
+                   source_channels: int) -> objectives.Objective:
+    """The objective of latent U-Net stage `name` (`objectives.objective_of`) with `config`'s settings, for
+    the U-Net `unet_graphdef` (with prompt tables whose null ids are `null_ids`)."""
+    kind = objectives.objective_of(name, config)
+    d, masks = config.diffusion, config.masks
+    rmas_objective = masks.get("objective", "triplet")  # configs saved before it existed trained triplets
+    if rmas_objective not in ("completion", "triplet"):
+        raise ValueError(f"masks.objective must be 'completion' or 'triplet'; got {rmas_objective!r}")
+    common = dict(stage=name, unet=unet_graphdef, null_ids=null_ids, autoencoder=ae_graphdef,
+                  target_channels=target_channels, source_channels=source_channels,
+                  latent_channels=config.model.latent_channels, factor=config.model.factor,
+                  drop_prob=float(d.prompt_drop_prob) if kind != "regression" else 0.0, val_steps=d.val_steps)
+    denoising = dict(schedule=make_schedule(d), clip_x0=float(d.clip_x0) or None)
+    tma_alpha = float(config.tma.alpha) if config.tma.enabled else 0.0
+    residual = bool(d.get("residual", False))
+    if kind == "regression":
+        return objectives.Regression(**common, tma_alpha=tma_alpha, residual=residual)
+    if kind == "bridge":
+        return objectives.Bridge(**common, tma_alpha=tma_alpha, sigma=float(d.get("bridge_sigma", 1.0)))
+    if kind == "diffusion":  # configs saved before task_parameterization existed trained with `parameterization`
+        return objectives.PairedDiffusion(**common, **denoising, tma_alpha=tma_alpha, residual=residual,
+                                          parameterization=d.get("task_parameterization", d.parameterization))
+    synthesis = dict(common, **denoising, parameterization=d.parameterization,
+                     consistency_weight=float(d.consistency_weight))
+    if not masks.get("rmas", True):  # plain synthesis; the mask channel as the configured objective sets it
+        return objectives.Synthesis(**synthesis, known_rays=0.0 if rmas_objective == "completion" else 1.0)
+    if rmas_objective == "completion":
+        return objectives.Completion(**synthesis, completion_prob=float(masks.get("completion_prob", 0.0)))
+    return objectives.Triplet(**synthesis)
 
 
 def diffusion_stage(name: str, config, ae_graphdef, ae_params, latent_scale: float, target_channels: int,
                     source_channels: int, seed: int, init=None, residual_scale: float = 1.0) -> Stage:
-    """A latent U-Net stage: `foundation`, `task` or `regressor`.
-
-    - `foundation`: synthesis from a prompt, trained on RMAS triplets (the mask is a condition channel).
-    - `task`: the paired task, conditioned on the source latent (and the TMA map), trained with
-      `config.diffusion.task_objective`: `diffusion` (DDPM/DDIM) or `bridge` (a DDBM Brownian bridge from
-      the source latent to the target latent, `ddbm.py`).
-    - `regressor`: the same U-Net as a deterministic map source -> target (`t = 0`, zero input, MSE):
-      the regression baseline of the evaluation, trained on the same pairs.
-
-    With `config.diffusion.residual` the `diffusion` task and the regressor work on the residual latent
-    `residual_scale * (E(target) - E(baseline))`, `baseline` the source matched to the target's channels
-    (the identity baseline), added back after sampling: the model only learns what the task changes,
-    so a weak or early model degrades towards the identity instead of towards noise (residual
-    diffusion, as in ResShift, Yue et al. 2023). `measure_residual_scale` gives the scale. (The bridge
-    starts from the source already and needs no residual.)
+    """A latent U-Net stage: `foundation`, `task` or `regressor`, with the objective `make_objective` picks.
 
     `init` maps the fresh U-Net parameters to the starting ones (the task's warm start from the
-    foundation, `warm_start_task`). The `diffusion` task predicts with `diffusion.task_parameterization`
-    (`x0` by default: a zero output is then the identity, see `warm_start_task`), the foundation with
-    `diffusion.parameterization`.
+    foundation, `warm_start_task`). `residual_scale` scales the residual latents of the residual
+    objectives (`diffusion.residual`; `latent.measure_residual_scale` measures it). The `diffusion` task
+    predicts with `diffusion.task_parameterization` (`x0` by default: a zero output is then the identity,
+    see `warm_start_task`), the foundation with `diffusion.parameterization`.
     """
-    objective = objective_of(name, config)
     unet = build_unet(config, target_channels, source_channels, seed)
-    null_ids = unet.null_ids
     graphdef, params = split_model(unet)
+    objective = make_objective(name, config, graphdef, unet.null_ids, ae_graphdef, target_channels, source_channels)
     if init is not None:
         params = init(params)
-    frozen = {"ae": ae_params, "scale": jnp.asarray(latent_scale, jnp.float32)}
-    paired = objective != "synthesis"
-    residual = objective in ("diffusion", "regression") and bool(config.diffusion.get("residual", False))
-    if residual:
-        frozen["residual_scale"] = jnp.asarray(residual_scale, jnp.float32)
-    schedule = make_schedule(config.diffusion)
-    param = config.diffusion.parameterization
-    if objective == "diffusion":  # configs saved before task_parameterization existed trained with `parameterization`
-        param = config.diffusion.get("task_parameterization", param)
-    sigma = float(config.diffusion.get("bridge_sigma", 1.0))
-    z = config.model.latent_channels
-    f = config.model.factor
-    tma_alpha = float(config.tma.alpha) if paired and config.tma.enabled else 0.0
-    consistency_weight = float(config.diffusion.consistency_weight) if not paired else 0.0
-    rmas_objective = config.masks.get("objective", "triplet")  # configs saved before it existed trained triplets
-    if rmas_objective not in ("completion", "triplet"):
-        raise ValueError(f"masks.objective must be 'completion' or 'triplet'; got {rmas_objective!r}")
-    completion_prob = float(config.masks.get("completion_prob", 0.0))
-    # The mask channel tells which rays of the source channels are known: all for a task's source, none for
-    # synthesis under the completion objective; the triplet objective (and configs before it) used ones.
-    synthesis_mask = 0.0 if (not paired and rmas_objective == "completion") else 1.0
-    drop_prob = float(config.diffusion.prompt_drop_prob) if objective != "regression" else 0.0
-    clip_x0 = float(config.diffusion.clip_x0) or None
-
-    def enc(frozen, sino):
-        return encode(ae_graphdef, frozen["ae"], sino, frozen["scale"])
-
-    def dec(frozen, latent):
-        return decode(ae_graphdef, frozen["ae"], latent, frozen["scale"], target_channels)
-
-    def latent(frozen, batch, name):
-        """The latent of `batch[name]`: the cached `<name>_latent` when the batch carries it (the paired
-        stages' fixed training pairs are encoded once, `cached_latents`), else encoded now."""
-        if f"{name}_latent" in batch:
-            return batch[f"{name}_latent"]
-        if name == "baseline":
-            return enc(frozen, match_channels(batch["source"], target_channels))
-        return enc(frozen, batch[name])
-
-    def baseline_latent(frozen, batch):
-        return latent(frozen, batch, "baseline")
-
-    def cached_latents(frozen, batch):
-        """The latents a paired stage's loss reads (`<name>_latent` fields), to encode each pair once."""
-        names = ("target", "source") + (("baseline",) if source_channels != target_channels else ())
-        out = {f"{n}_latent": latent(frozen, batch, n) for n in names}
-        if "baseline_latent" not in out:
-            out["baseline_latent"] = out["source_latent"]
-        return out
-
-    def to_model(frozen, batch, x0):  # target latent -> what the model generates
-        return (x0 - baseline_latent(frozen, batch)) * frozen["residual_scale"] if residual else x0
-
-    def from_model(frozen, batch, latent):
-        return baseline_latent(frozen, batch) + latent / frozen["residual_scale"] if residual else latent
-
-    def condition(frozen, batch, latent_hw, mask=None, source=None):
-        """Condition channels: source latent, known-ray mask, TMA. `mask` `(B, A, Bn)` defaults to all
-        rays known (tasks) or `synthesis_mask` (foundation); `source` a latent that replaces the task's."""
-        B = batch["target"].shape[0]
-        h, w = latent_hw
-        if source is None and paired:
-            source = latent(frozen, batch, "source")
-        elif source is None:
-            source = jnp.zeros((B, h, w, source_channels * z), jnp.float32)
-        if mask is None:
-            mask_c = jnp.full((B, h, w, 1), 1.0 if paired else synthesis_mask, jnp.float32)
-        else:
-            mask_c = _latent_map(mask, latent_hw)
-        tma = batch.get("tma") if paired else None
-        tma_c = jnp.zeros((B, h, w, 1)) if tma is None else _latent_map(tma, latent_hw)
-        return jnp.concatenate([source, mask_c, tma_c], axis=-1)
-
-    def loss_fn(p, frozen, batch, keys):
-        unet = nnx.merge(graphdef, p)
-        sino_shape = batch["target"].shape[-2:]
-        noise_keys, drop_keys = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)  # per sample
-        drop = jax.vmap(lambda k: jax.random.bernoulli(k, drop_prob))(drop_keys)
-        prompt = drop_prompt(prompt_of(batch, sino_shape), drop, null_ids)
-        x0 = latent(frozen, batch, "target") if paired else enc(frozen, batch["target"])
-        latent_hw = x0.shape[1:3]
-        if not paired and "sino_mask" in batch and rmas_objective == "triplet":
-            return _rmas_loss(unet, frozen, batch, prompt, noise_keys, latent_hw)
-        if not paired and "sino_mask" in batch:
-            view_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(drop_keys)
-            return _completion_loss(unet, frozen, batch, prompt, noise_keys, view_keys, latent_hw)
-        if not paired:  # synthesis pretraining without RMAS (masks.rmas = False): full sinograms only
-            cond = condition(frozen, batch, latent_hw)
-            return losses.diffusion_loss(lambda x_t, t: unet(x_t, t, prompt=prompt, cond=cond), noise_keys,
-                                         schedule, x0, parameterization=param)
-        cond = condition(frozen, batch, latent_hw)
-        weight = losses.tma_latent_weight(batch["tma"], latent_hw, tma_alpha) if tma_alpha and "tma" in batch else None
-
-        def predict(x_t, t):
-            return unet(x_t, t, prompt=prompt, cond=cond)
-
-        if objective == "bridge":
-            x_t, t_model = jax.vmap(lambda k, a, b: ddbm.bridge_training_input(k, a[None], b[None], sigma))(
-                noise_keys, x0, baseline_latent(frozen, batch))
-            loss = jnp.mean(losses.weighted_mse(predict(x_t[:, 0], t_model[:, 0]), x0, weight))
-            return loss, {"bridge": loss, "total": loss}
-        x0 = to_model(frozen, batch, x0)
-        if objective == "regression":
-            loss = jnp.mean(losses.weighted_mse(predict(jnp.zeros_like(x0), jnp.zeros(x0.shape[:1])), x0, weight))
-            return loss, {"regression": loss, "total": loss}
-        return losses.diffusion_loss(predict, noise_keys, schedule, x0, parameterization=param, weight=weight)
-
-    def _rmas_loss(unet, frozen, batch, prompt, noise_keys, latent_hw):
-        """Foundation: the RMAS triplet (full, positive, negative) with the mask as a condition."""
-        mask = batch["sino_mask"]
-        x0 = enc(frozen, batch["full"])  # S (= P + N exactly, in both RMAS modes)
-        views = jnp.stack([x0, enc(frozen, batch["positive"]), enc(frozen, batch["negative"])])
-        conds = jnp.concatenate([condition(frozen, batch, latent_hw, m) for m in (None, mask, 1.0 - mask)])
-        prompt3 = jax.tree.map(lambda a: jnp.concatenate([a, a, a]), prompt)
-
-        def predict(x_t, t):
-            return unet(x_t, t, prompt=prompt3, cond=conds)
-
-        return losses.rmas_diffusion_loss(predict, noise_keys, schedule, views, parameterization=param,
-                                          decode=(lambda lat: dec(frozen, lat)) if consistency_weight else None,
-                                          sino=batch["full"], consistency_weight=consistency_weight)
-
-    def _completion_loss(unet, frozen, batch, prompt, noise_keys, view_keys, latent_hw):
-        """Foundation: each record is synthesis or, with probability `completion_prob`, the completion of
-        `S` from one of its views (positive or negative, even odds) given as the source and its rays as
-        the mask channel (`losses.completion_loss`)."""
-        u = jax.vmap(lambda k: jax.random.uniform(k, (2,)))(view_keys)
-        complete, positive = u[:, 0] < completion_prob, u[:, 1] < 0.5
-        mask = batch["sino_mask"]
-        known = jnp.where(complete[:, None, None], jnp.where(positive[:, None, None], mask, 1.0 - mask), 0.0)
-        view = jnp.where(positive[:, None, None, None], batch["positive"], batch["negative"])
-        source = enc(frozen, view) * complete[:, None, None, None]  # synthesis records: no source at all
-        cond = condition(frozen, batch, latent_hw, mask=known, source=source)
-        return losses.completion_loss(lambda x_t, t: unet(x_t, t, prompt=prompt, cond=cond), noise_keys, schedule,
-                                      enc(frozen, batch["full"]), parameterization=param,
-                                      decode=lambda lat: dec(frozen, lat), sino=batch["full"], unseen=1.0 - known,
-                                      consistency_weight=consistency_weight)
-
-    def generate(p, frozen, batch, key, sampler: str | None = None, num_steps: int | None = None,
-                 eta: float | None = None, guidance: float = 0.0, cfg_scale: float = 1.0):
-        """Sinograms `(B, C, n_angles, n_bins)` for `batch` (its `target` gives only the geometry and batch
-        size; paired tasks read `source`). `sampler` defaults to the objective's first in `SAMPLERS`.
-
-        `cfg_scale != 1` is classifier-free guidance on the prompt (`guidance.GuidedDenoiser`): each step
-        runs the U-Net with the prompt and with the null prompt (same geometry and condition channels) and
-        extrapolates, `uncond + cfg_scale * (cond - uncond)`; 0 is the unconditional model. It needs a
-        model trained with prompt dropping (`diffusion.prompt_drop_prob > 0`).
-
-        `guidance > 0` (DDIM on a `diffusion` task model, or on the foundation model: the zero-pair arm)
-        adds the Poisson data-consistency step of `physics_guidance.py`; the batch must then carry
-        `guide_y` (raw low-dose prompts), `guide_gain` and `guide_background`, all `(B, C, A, Bn)` in
-        counts (`sampling.add_poisson_data`)."""
-        sampler = sampler or SAMPLERS[objective if paired else "diffusion"][0]
-        allowed = SAMPLERS[objective if paired else "diffusion"]
-        if sampler not in allowed:
-            raise ValueError(f"a {name} model trained with the {objective!r} objective samples with {allowed}; "
-                             f"got sampler {sampler!r}")
-        sino_shape = batch["target"].shape[-2:]
-        B = batch["target"].shape[0]
-        latent_hw = (sino_shape[0] // f, sino_shape[1] // f)
-        kwargs = {"prompt": prompt_of(batch, sino_shape), "cond": condition(frozen, batch, latent_hw)}
-        shape = (B,) + latent_hw + (target_channels * z,)
-        steps = num_steps or config.diffusion.val_steps
-        denoiser, model_params = NNXDenoiser(graphdef), (p, kwargs)
-        if cfg_scale != 1.0:
-            if sampler == "direct" or not drop_prob:
-                raise ValueError(f"classifier-free guidance (cfg_scale {cfg_scale}) needs a diffusion model trained "
-                                 f"with prompt dropping; this {name} model has objective {objective!r} and "
-                                 f"diffusion.prompt_drop_prob {drop_prob}")
-            null = dict(kwargs, prompt=drop_prompt(kwargs["prompt"], jnp.ones((B,), bool), null_ids))
-            denoiser = GuidedDenoiser(denoiser)
-            model_params = ((p, kwargs), (p, null), jnp.asarray(cfg_scale, jnp.float32))
-        if sampler == "direct":
-            latent = nnx.merge(graphdef, p)(jnp.zeros(shape), jnp.zeros((B,)), **kwargs)
-        elif sampler == "ddbm":
-            latent = ddbm.ddbm_sample(denoiser, model_params, key, baseline_latent(frozen, batch), steps,
-                                      sigma=sigma, eta=1.0 if eta is None else eta)  # ancestral by default
-        elif sampler == "ddpm":
-            latent = ddpm.ddpm_sample(denoiser, model_params, key, schedule, shape,
-                                      parameterization=param, clip_x0=clip_x0)
-        else:
-            guide, data = None, None
-            if guidance:
-                fields = ("guide_y", "guide_gain", "guide_background")
-                if objective not in ("diffusion", "synthesis") or any(k not in batch for k in fields):
-                    raise ValueError("Poisson guidance needs a diffusion task model or the foundation model, and the "
-                                     f"likelihood's {fields} in the batch (sampling.add_poisson_data)")
-                if residual:  # the source's latent once, not inside every step's gradient
-                    base, rs = baseline_latent(frozen, batch), frozen["residual_scale"]
-                    to_sinogram = lambda x0: dec(frozen, base + x0 / rs)  # noqa: E731
-                else:
-                    to_sinogram = lambda x0: dec(frozen, x0)  # noqa: E731
-                guide = physics_guidance.make_poisson_guide(to_sinogram, schedule)
-                data = physics_guidance.PoissonData(*(batch[k] for k in fields), jnp.asarray(guidance, jnp.float32))
-            latent = ddim.ddim_sample(denoiser, model_params, key, schedule, shape, num_steps=steps,
-                                      eta=eta or 0.0, parameterization=param, clip_x0=clip_x0, guide=guide,
-                                      guide_params=data)
-        return dec(frozen, from_model(frozen, batch, latent) if paired else latent)
+    frozen = objective.frozen_state(ae_params, latent_scale, residual_scale)
 
     def evaluate(p, frozen, batch, key):
         loss_key, sample_key = jax.random.split(key)
-        metrics = {"val_loss": loss_fn(p, frozen, batch, jax.random.split(loss_key, batch["target"].shape[0]))[0]}
-        if paired:
-            out, target = generate(p, frozen, batch, sample_key), batch["target"]
-            metrics["val_psnr"] = jnp.mean(psnr(out, target))
-            metrics["val_psnr_source"] = jnp.mean(psnr(match_channels(batch["source"], target_channels), target))
-        return metrics
+        out = {"val_loss": objective.loss(p, frozen, batch, jax.random.split(loss_key, batch["target"].shape[0]))[0]}
+        if objective.paired:
+            generated, target = objective.generate(p, frozen, batch, sample_key), batch["target"]
+            out["val_psnr"] = jnp.mean(psnr(generated, target))
+            out["val_psnr_source"] = jnp.mean(psnr(latent.match_channels(batch["source"], target_channels), target))
+        return out
 
     def preview(p, frozen, batch, key):
-        out = generate(p, frozen, batch, key)
-        rows = [("target", batch["target"][:, 0]), ("generated", out[:, 0])]
-        if paired:
+        generated = objective.generate(p, frozen, batch, key)
+        rows = [("target", batch["target"][:, 0]), ("generated", generated[:, 0])]
+        if objective.paired:
             rows.insert(0, ("source", batch["source"][:, 0]))
         return rows
 
-    best = ("val_psnr", "max") if paired else ("val_loss", "min")
-    return Stage(name, graphdef, params, frozen, loss_fn, evaluate, preview, best_metric=best, generate=generate,
-                 cached_latents=cached_latents if paired else None)
+    best = ("val_psnr", "max") if objective.paired else ("val_loss", "min")
+    return Stage(name, graphdef, params, frozen, objective.loss, evaluate, preview, best_metric=best,
+                 generate=objective.generate, cached_latents=objective.cached_latents if objective.paired else None)
 
 
 def foundation_reads_source(recipe: dict) -> bool:
@@ -578,25 +333,6 @@ def foundation_reads_source(recipe: dict) -> bool:
     masks = recipe.get("masks", {})
     return bool(masks.get("rmas", False)) and masks.get("objective") == "completion" and \
         float(masks.get("completion_prob", 0.0)) > 0
-
-
-def match_channels(source, channels: int):
-    """The identity baseline `(B, channels, A, Bn)`: the source itself, or its channel mean split evenly
-    over `channels` (a mixture's even split for `tracer_separation`)."""
-    if source.shape[1] == channels:
-        return source
-    return jnp.repeat(source.mean(axis=1, keepdims=True), channels, axis=1) / channels
-
-
-def measure_residual_scale(ae_graphdef, ae_params, batches, latent_scale: float) -> float:
-    """`1 / std` of the residual latents `E(target) - E(baseline)` over a few training batches."""
-    res = []
-    for b in batches:
-        target = jnp.asarray(b["target"])
-        base = match_channels(jnp.asarray(b["source"]), target.shape[1])
-        res.append(np.asarray(encode(ae_graphdef, ae_params, target, latent_scale)
-                              - encode(ae_graphdef, ae_params, base, latent_scale)))
-    return float(1.0 / max(np.std(np.concatenate([r.ravel() for r in res])), 1e-6))
 
 
 def random_batch(config, stage: str, batch_size: int, seed: int = 0, step: int = 0) -> dict:
