@@ -94,7 +94,7 @@ def build_stage(cfg, stage: str, workdir: str, example_batch, train_ds):
                 source_trained=stages.foundation_reads_source(found_meta.get("recipe", {})),
                 seen_tasks=(tasks.task_id(tasks.SYNTHESIS),), null_task=tasks.NULL_TASK)
             print(f"[task] starting from the foundation U-Net in {foundation_dir} (output and untrained "
-                  "condition inputs reset: the first samples are the identity)", flush=True)
+                  "condition inputs reset, stages.warm_start_task)", flush=True)
         else:
             logging.warning("task: no foundation checkpoint in %s; training the U-Net from scratch", foundation_dir)
     residual_scale = 1.0

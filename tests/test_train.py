@@ -74,11 +74,6 @@ def test_stages_run_and_write_metrics(smoke_run):
         assert val[0]["step"] == 0 and len(val) >= 2  # the untrained model's numbers come first
         assert (workdir / stage / f"samples_{stage}.png").stat().st_size > 1000
         assert os.listdir(workdir / stage / "tensorboard")
-    # The task starts from the foundation and samples the identity at step 0 (stages.warm_start_task): its
-    # first validation sample is no worse than the source itself (D(E(source)) here, the residual being 0).
-    step0 = [json.loads(line) for line in open(workdir / "task" / "metrics.jsonl")][0]
-    assert step0["split"] == "val" and step0["step"] == 0
-    assert step0["val_psnr"] >= step0["val_psnr_source"] - 0.1, step0
     found = [json.loads(line) for line in open(workdir / "foundation" / "metrics.jsonl")]
     assert any("consistency_share" in r for r in found)  # the foundation's decoded term logs its share
 

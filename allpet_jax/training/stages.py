@@ -101,15 +101,18 @@ def warm_start(pretrained, fresh):
 
 def warm_start_task(pretrained, fresh, *, z: int, channels: tuple[int, int], foundation_channels: tuple[int, int],
                     source_trained: bool, seen_tasks, null_task: int):
-    """A task U-Net's start from the foundation U-Net that samples exactly the identity baseline.
+    """A task U-Net's start from the foundation U-Net: what the foundation learnt, with the parts it never
+    trained reset, and an output that is zero (with `diffusion.task_parameterization = 'x0'` the task then
+    samples exactly the identity baseline; with the default `v` a zero output samples residual noise, as
+    a fresh U-Net does).
 
     Carried over: every layer (`warm_start`), the latent input weights (tiled over the task's target
     channels), the RMAS mask channel's weights, the tracer, region and geometry embeddings, and the
     source-condition weights when the foundation was trained on masked completion (`source_trained`:
     it then already reads a source sinogram).
     Reset:
-    - the output convolution to zero, so the task model's first prediction of the residual's clean
-      latent is 0: with the `x0` parameterisation every DDIM sample is then `E(source)`, the identity;
+    - the output convolution to zero: the foundation's output meant the full latent's v, the task's
+      means the residual's (with `x0`, every first DDIM sample is then `E(source)`, the identity);
     - the source-condition input weights to zero when the foundation never saw a source (it was fed
       zeros there, so those weights are untrained noise), and the TMA channel's always;
     - the task-embedding rows of tasks the foundation never trained on (`seen_tasks`) to its null
@@ -296,8 +299,8 @@ def diffusion_stage(name: str, config, ae_graphdef, ae_params, latent_scale: flo
     `init` maps the fresh U-Net parameters to the starting ones (the task's warm start from the
     foundation, `warm_start_task`). `residual_scale` scales the residual latents of the residual
     objectives (`diffusion.residual`; `latent.measure_residual_scale` measures it). The `diffusion` task
-    predicts with `diffusion.task_parameterization` (`x0` by default: a zero output is then the identity,
-    see `warm_start_task`), the foundation with `diffusion.parameterization`.
+    predicts with `diffusion.task_parameterization` (with `x0` a zero output is the identity, see
+    `warm_start_task`; `v` by default), the foundation with `diffusion.parameterization`.
     """
     unet = build_unet(config, target_channels, source_channels, seed)
     graphdef, params = split_model(unet)
