@@ -165,11 +165,13 @@ def test_evaluate_scores_every_method(smoke_run, tmp_path):
     assert "%|" in out.stderr  # the sampling progress bar
 
     _run("allpet_jax.evaluate", "--workdir", workdir, "--task", "synthesis", "--n", 4, "--steps", 3,
-         "--out", tmp_path / "synthesis")
+         "--cfg_scale", 2, "--out", tmp_path / "synthesis")
     rows = json.load(open(tmp_path / "synthesis" / "results.json"))["summary"]
     real = rows["validation sinograms (real, reference)"]
-    assert set(rows) == {"ALL-PET (ddim 3)", "validation sinograms (real, reference)"}
+    assert set(rows) == {"ALL-PET (ddim 3)", "ALL-PET (ddim 3), cfg 2", "validation sinograms (real, reference)"}
     assert 0 <= real["range_residual"]["mean"] < rows["ALL-PET (ddim 3)"]["range_residual"]["mean"]
+    # region match: scored where the 4 test prompts hold a real sinogram of the region (NaN elsewhere)
+    assert all(0 <= r["region_match"]["mean"] <= 1 for r in rows.values() if r["region_match"]["n"])
 
 
 @pytest.mark.slow
