@@ -184,6 +184,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 0.007, the mean 1.1 dB below the pixel regressor). 'v' keeps x_t in the clean estimate (x0 = a x_t - s v), so
     # the samples spread; a zero output then samples noise of the residual's size, not the identity.
     diffusion.task_parameterization = "v"
+    # The learned skip of the 'v' task (schedules.skip_offset): x0 = c_skip x_t - s v with the Wiener skip of a prior
+    # variance that is a trained scalar starting at 0, so a zero output is exactly the identity (the task's step-0
+    # sample is D(E(source))) and training opens the skip where reading x_t pays. The value is how many steps of
+    # the learning rate move the variance from 0 to 1 (plain v); 0 turns it off.
+    diffusion.task_skip_open_steps = 100
     # Foundation, decoded-prediction term weighted by alpha_bar_t (0 turns it off; its share of the loss is logged as
     # consistency_share): 'completion' supervises D(x0_hat) on the rays the condition did not show,
     # || (1 - M_view) (D(x0_hat) - S) ||^2 (all rays for synthesis records); 'triplet' is the paper's

@@ -125,6 +125,32 @@ def test_ddpm_and_ddim_sample_the_gaussian_data_distribution():
     np.testing.assert_allclose(np.var(a, 0), np.var(b, 0), rtol=0.15)
 
 
+def zero_output(params, x_t, t):
+    return jnp.zeros_like(x_t)
+
+
+def test_learned_skip_with_a_zero_output_is_the_optimal_denoiser_of_its_prior():
+    """`SkipDenoiser` around a U-Net that outputs 0 is, by construction, the optimal `v` denoiser of
+    `N(0, sigma2)` data (the closed form of this module's Gaussian denoiser with mu = 0): DDIM draws that
+    distribution, and at `sigma2 = 0` (the gate closed, a warm-started task's start) exactly 0, the
+    identity of a residual model."""
+    from allpet_jax.diffusion.model_function import SkipDenoiser
+
+    s = schedules.cosine_schedule(1000)
+    x_T = jax.random.normal(key(4), (N, 2))
+    for sigma2 in (0.0, 0.3, 1.0):
+        denoiser = SkipDenoiser(zero_output, 2.0)  # rate 2: the gate's value is half the variance
+        params = (({"skip_gate": jnp.asarray(sigma2 / 2.0)}, {}), s)
+        out = ddim.ddim_sample(denoiser, params, key(5), s, (N, 2), 250, eta=0.0, x_T=x_T, parameterization="v")
+        reference = ddim.ddim_sample(gaussian_denoiser, (s.alpha_bar, jnp.zeros(2), jnp.full(2, sigma2), 2), key(5),
+                                     s, (N, 2), 250, eta=0.0, x_T=x_T, parameterization="v")
+        if sigma2 == 0.0:
+            assert float(jnp.abs(out).max()) < 1e-5
+        else:
+            np.testing.assert_allclose(np.asarray(out), np.asarray(reference), atol=1e-3)
+            _assert_gaussian(out, np.zeros(2), np.full(2, sigma2))
+
+
 def test_ddpm_beta_variance_and_clipping_run():
     s = schedules.linear_schedule(50)
     x = ddpm.ddpm_sample(gaussian_denoiser, params_for(s), key(3), s, (16, 2), variance="beta", clip_x0=1.0)

@@ -76,6 +76,13 @@ def test_stages_run_and_write_metrics(smoke_run):
         assert os.listdir(workdir / stage / "tensorboard")
     found = [json.loads(line) for line in open(workdir / "foundation" / "metrics.jsonl")]
     assert any("consistency_share" in r for r in found)  # the foundation's decoded term logs its share
+    task = [json.loads(line) for line in open(workdir / "task" / "metrics.jsonl")]
+    first = next(r for r in task if r["split"] == "val")
+    # warm-started from the foundation with the skip closed, the task's first sample is D(E(source)): no
+    # worse than the identity (the bar; the smoke autoencoder even smooths some of the noise away)
+    assert first["step"] == 0 and first["val_psnr"] >= first["val_psnr_source"] - 0.1
+    gate = [r["skip_variance"] for r in task if "skip_variance" in r]
+    assert gate and gate[-1] > 0.0  # and training opens the learned skip
 
 
 @pytest.mark.slow

@@ -136,8 +136,7 @@ def test_two_channel_task_starts_from_a_one_channel_foundation():
     from configs import base
 
     cfg = base.get_config("smoke")
-    cfg.data.task = "tracer_separation"
-    cfg.diffusion.task_parameterization = "x0"  # a zero output is then exactly the identity
+    cfg.data.task = "tracer_separation"  # v with the learned skip (default): a zero output is exactly the identity
     z = cfg.model.latent_channels
     ae = stages.autoencoder_stage(cfg, 0)
     found = stages.diffusion_stage("foundation", runs.stage_config(cfg, "foundation"), ae.graphdef, ae.params,
@@ -150,6 +149,7 @@ def test_two_channel_task_starts_from_a_one_channel_foundation():
         warm = stages.diffusion_stage("task", task_cfg, ae.graphdef, ae.params, 1.0, 2, 1, seed=2, init=init)
         old, new = nnx.to_pure_dict(found.params), nnx.to_pure_dict(warm.params)
         assert float(np.abs(new["conv_out"]["kernel"]).max()) == 0.0 == float(np.abs(new["conv_out"]["bias"]).max())
+        assert float(new["skip_gate"]) == 0.0 and "skip_gate" not in old  # the skip starts closed
         k_old, k_new = np.asarray(old["conv_in"]["kernel"]), np.asarray(new["conv_in"]["kernel"])
         assert k_new.shape[2] == 2 * z + z + 2 and k_old.shape[2] == z + z + 2
         np.testing.assert_array_equal(k_new[:, :, :2 * z], np.concatenate([k_old[:, :, :z]] * 2, axis=2))

@@ -129,6 +129,22 @@ def eps_from_v(schedule: Schedule, x_t, t, v):
     return jnp.sqrt(1.0 - ab) * x_t + jnp.sqrt(ab) * v
 
 
+def skip_offset(schedule: Schedule, x_t, t, sigma2):
+    """The term a learned skip adds to a `v` output: `v = F + c(t) x_t`, so that
+    `x0 = c_skip(t) x_t - s F` with the Wiener (EDM) skip of a prior of variance `sigma2`,
+    `c_skip = a sigma2 / (a^2 sigma2 + s^2)` (`a = sqrt(alpha_bar_t)`, `s = sqrt(1 - alpha_bar_t)`):
+
+        c(t) = (a - c_skip) / s = a s (1 - sigma2) / (a^2 sigma2 + s^2).
+
+    `sigma2 = 1` is plain `v` prediction (`c = 0`). `sigma2 = 0` with `F = 0` predicts `x0 = 0` at every step:
+    a residual model then samples exactly its baseline (the identity). In between, a zero `F` samples
+    `N(0, sigma2)`, and the skip still passes `x_t` at low noise (`c_skip -> 1 / a` as `s -> 0`).
+    """
+    ab = _at(schedule.alpha_bar, t, x_t)
+    a, s2 = jnp.sqrt(ab), 1.0 - ab
+    return a * jnp.sqrt(s2) * (1.0 - sigma2) / (ab * sigma2 + s2) * x_t
+
+
 def to_x0_eps(schedule: Schedule, parameterization: str, output, x_t, t):
     """Convert a denoiser `output` under `parameterization` ("eps", "x0" or "v") to `(x0, eps)`."""
     if parameterization == "eps":

@@ -69,12 +69,16 @@ class LatentUNet(nnx.Module):
       attention_levels: level indices (0 = input resolution) with self-attention after each block.
       num_tracers, num_regions, num_tasks: sizes of the id vocabularies; id `n` is each table's null id.
       emb_features: width of the time/prompt embedding (default `4 * channels[0]`).
+      learned_skip: add `skip_gate`, a scalar parameter starting at 0 that the U-Net itself never reads:
+        the task objective turns it into the prior variance of a learned skip around the output
+        (`schedules.skip_offset`, `objectives.PairedDiffusion.skip_rate`).
     """
 
     def __init__(self, latent_channels: int = 4, cond_channels: int = 0, channels: Sequence[int] = (64, 128, 256),
                  num_res_blocks: int = 2, attention_levels: Sequence[int] = (2,), num_heads: int = 4,
                  num_tracers: int = 8, num_regions: int = 8, num_tasks: int = 8, emb_features: int | None = None,
-                 geometry_frequencies: int = 6, max_groups: int = 32, *, rngs: nnx.Rngs):
+                 geometry_frequencies: int = 6, max_groups: int = 32, learned_skip: bool = False, *,
+                 rngs: nnx.Rngs):
         channels = tuple(channels)
         bad = [a for a in attention_levels if not 0 <= a < len(channels)]
         if bad:
@@ -140,6 +144,8 @@ class LatentUNet(nnx.Module):
         self.upsample = nnx.List(upsample)
         self.norm_out = GroupNorm(prev, group_count(prev, max_groups), rngs=rngs)
         self.conv_out = nnx.Conv(prev, latent_channels, (3, 3), kernel_init=nnx.initializers.zeros, rngs=rngs)
+        if learned_skip:
+            self.skip_gate = nnx.Param(jnp.zeros((), jnp.float32))
 
     def null_prompt(self, geometry) -> Prompt:
         """The unconditional prompt (all ids null) for `geometry` `(B, 2)`; geometry is never dropped."""

@@ -41,8 +41,8 @@ from flax import nnx
 from allpet_jax import losses
 from allpet_jax.diffusion import ddbm, ddim, ddpm, physics_guidance
 from allpet_jax.diffusion.guidance import GuidedDenoiser, drop_ids
-from allpet_jax.diffusion.model_function import NNXDenoiser
-from allpet_jax.diffusion.schedules import Schedule
+from allpet_jax.diffusion.model_function import NNXDenoiser, SkipDenoiser, skip_variance
+from allpet_jax.diffusion.schedules import Schedule, skip_offset
 from allpet_jax.models import latent
 from allpet_jax.models.conditioning import condition_channels
 from allpet_jax.models.unet import Prompt
@@ -163,6 +163,10 @@ class Objective:
         """A latent of `shape` from the model wrapped as `denoiser(model_params, x_t, t)`."""
         raise NotImplementedError
 
+    def denoiser(self, params, kwargs):
+        """`(denoise_fn, model_params)` for the samplers: the U-Net with the call keywords `kwargs`."""
+        return NNXDenoiser(self.unet), (params, kwargs)
+
     def generate(self, params, frozen, batch, key, sampler: str | None = None, num_steps: int | None = None,
                  eta: float | None = None, guidance: float = 0.0, cfg_scale: float = 1.0):
         """Sinograms `(B, C, n_angles, n_bins)` for `batch` (its `target` gives only the geometry and batch
@@ -185,15 +189,15 @@ class Objective:
         B = batch["target"].shape[0]
         latent_hw = self.latent_grid(sino_shape)
         kwargs = {"prompt": prompt_of(batch, sino_shape), "cond": self.condition(frozen, batch, latent_hw)}
-        denoiser, model_params = NNXDenoiser(self.unet), (params, kwargs)
+        denoiser, model_params = self.denoiser(params, kwargs)
         if cfg_scale != 1.0:
             if sampler == "direct" or not self.drop_prob:
                 raise ValueError(f"classifier-free guidance (cfg_scale {cfg_scale}) needs a diffusion model trained "
                                  f"with prompt dropping; this {self.stage} model has objective {self.name!r} and "
                                  f"diffusion.prompt_drop_prob {self.drop_prob}")
-            null = dict(kwargs, prompt=null_prompt(kwargs["prompt"], self.null_ids))
+            _, uncond = self.denoiser(params, dict(kwargs, prompt=null_prompt(kwargs["prompt"], self.null_ids)))
             denoiser = GuidedDenoiser(denoiser)
-            model_params = ((params, kwargs), (params, null), jnp.asarray(cfg_scale, jnp.float32))
+            model_params = (model_params, uncond, jnp.asarray(cfg_scale, jnp.float32))
         shape = (B,) + latent_hw + (self.target_channels * self.latent_channels,)
         z = self.sample_latent(denoiser, model_params, key, frozen, batch, shape, sampler,
                                num_steps or self.val_steps, eta, guidance)
@@ -383,13 +387,36 @@ class PairedDiffusion(Denoising, Paired):
     name: ClassVar[str] = "diffusion"
     samplers: ClassVar[tuple[str, ...]] = SAMPLERS["diffusion"]
 
+    skip_rate: float = 0.0  # > 0: the learned skip (`SkipDenoiser`) on the `v` output, its gate times this rate
+
+    def __post_init__(self):
+        if self.skip_rate and self.parameterization != "v":
+            raise ValueError(f"the learned skip (diffusion.task_skip_open_steps) works on a 'v' output; "
+                             f"got diffusion.task_parameterization {self.parameterization!r}")
+
+    def denoiser(self, params, kwargs):
+        denoiser, model_params = super().denoiser(params, kwargs)
+        if not self.skip_rate:
+            return denoiser, model_params
+        return SkipDenoiser(denoiser, self.skip_rate), (model_params, self.schedule)
+
+    def predictor(self, params, frozen, batch, prompt, latent_hw):
+        predict = super().predictor(params, frozen, batch, prompt, latent_hw)
+        if not self.skip_rate:
+            return predict
+        sigma2 = skip_variance(params, self.skip_rate)
+        return lambda x_t, t: predict(x_t, t) + skip_offset(self.schedule, x_t, t, sigma2)
+
     def loss(self, params, frozen, batch, keys):
         noise_keys, drop_keys = split_keys(keys)
         x0 = self.latent(frozen, batch, "target")
         predict = self.predictor(params, frozen, batch, self.training_prompt(batch, drop_keys), x0.shape[1:3])
-        return losses.diffusion_loss(predict, noise_keys, self.schedule, self.to_model(frozen, batch, x0),
-                                     parameterization=self.parameterization,
-                                     weight=tma_weight(batch, x0.shape[1:3], self.tma_alpha))
+        loss, parts = losses.diffusion_loss(predict, noise_keys, self.schedule, self.to_model(frozen, batch, x0),
+                                            parameterization=self.parameterization,
+                                            weight=tma_weight(batch, x0.shape[1:3], self.tma_alpha))
+        if self.skip_rate:
+            parts = dict(parts, skip_variance=skip_variance(params, self.skip_rate))
+        return loss, parts
 
 
 @dataclasses.dataclass(frozen=True, eq=False, kw_only=True)

@@ -102,9 +102,9 @@ def warm_start(pretrained, fresh):
 def warm_start_task(pretrained, fresh, *, z: int, channels: tuple[int, int], foundation_channels: tuple[int, int],
                     source_trained: bool, seen_tasks, null_task: int):
     """A task U-Net's start from the foundation U-Net: what the foundation learnt, with the parts it never
-    trained reset, and an output that is zero (with `diffusion.task_parameterization = 'x0'` the task then
-    samples exactly the identity baseline; with the default `v` a zero output samples residual noise, as
-    a fresh U-Net does).
+    trained reset, and an output that is zero: with the learned skip (`diffusion.task_skip_open_steps`,
+    its gate at 0) or `diffusion.task_parameterization = 'x0'` the task then samples exactly the identity
+    baseline; with plain `v` a zero output samples residual noise, as a fresh U-Net does.
 
     Carried over: every layer (`warm_start`), the latent input weights (tiled over the task's target
     channels), the RMAS mask channel's weights, the tracer, region and geometry embeddings, and the
@@ -123,8 +123,12 @@ def warm_start_task(pretrained, fresh, *, z: int, channels: tuple[int, int], fou
       z: latent channels per sinogram channel; channels, foundation_channels: `(target, source)`
         sinogram channels of the task and of the foundation (condition layout `build_unet`).
     """
-    params = nnx.to_pure_dict(warm_start(pretrained, fresh))
     old = nnx.to_pure_dict(pretrained)
+    params = nnx.to_pure_dict(fresh)
+    gate = params.pop("skip_gate", None)  # the learned skip's gate (the foundation has none) starts at 0
+    params = warm_start(old, params)
+    if gate is not None:
+        params["skip_gate"] = gate
     (ct, cs), (ft, fs) = channels, foundation_channels
 
     def tiled(block, n):  # (3, 3, m, c) -> (3, 3, n, c): repeated channel groups, as `warm_start` does
@@ -227,15 +231,31 @@ def _all_sinograms(batch, views: bool = True):
 # --- latent U-Net stages -------------------------------------------------------------------------------
 
 
-def build_unet(config, target_channels: int, source_channels: int, seed: int) -> LatentUNet:
+def build_unet(config, target_channels: int, source_channels: int, seed: int, learned_skip: bool = False) -> LatentUNet:
     """The latent U-Net of the diffusion stages: `target_channels` sinogram channels' latents out, the
-    condition channels of `conditioning.condition_channels` (source latent, RMAS mask, TMA) in."""
+    condition channels of `conditioning.condition_channels` (source latent, RMAS mask, TMA) in; with
+    `learned_skip` the gate of the task's learned skip (`skip_rate`)."""
     z = config.model.latent_channels
     return prompted_unet(config.model, target_channels * z, condition_channel_count(source_channels * z),
-                         config.model.unet_channels, config.model.attention_levels, seed)
+                         config.model.unet_channels, config.model.attention_levels, seed, learned_skip)
 
 
-def prompted_unet(model_cfg, out_channels: int, cond_channels: int, channels, attention_levels, seed: int) -> LatentUNet:
+def skip_rate(name: str, config) -> float:
+    """The rate of the learned skip of stage `name` (`objectives.PairedDiffusion.skip_rate`): the task's
+    `diffusion` objective with `diffusion.task_skip_open_steps > 0` gets `1 / (learning_rate * open_steps)`,
+    so that Adam, whose steps are about the learning rate, can open the skip's variance from 0 to 1 in that
+    many steps; every other stage 0 (configs saved before the option had none)."""
+    open_steps = int(config.diffusion.get("task_skip_open_steps", 0))
+    if open_steps < 0:
+        raise ValueError(f"diffusion.task_skip_open_steps must be >= 0; got {open_steps}")
+    parameterization = config.diffusion.get("task_parameterization", config.diffusion.parameterization)
+    if not open_steps or objectives.objective_of(name, config) != "diffusion" or parameterization != "v":
+        return 0.0
+    return 1.0 / (float(config.train.learning_rate) * open_steps)
+
+
+def prompted_unet(model_cfg, out_channels: int, cond_channels: int, channels, attention_levels, seed: int,
+                  learned_skip: bool = False) -> LatentUNet:
     """A `LatentUNet` with the prompt tables of every tracer, region and task, and `model_cfg`'s residual
     blocks and heads: the latent U-Net (`build_unet`) and the pixel regressor's share it."""
     return LatentUNet(
@@ -248,6 +268,7 @@ def prompted_unet(model_cfg, out_channels: int, cond_channels: int, channels, at
         num_tracers=len(TRACERS),
         num_regions=len(REGIONS),
         num_tasks=len(TASKS),
+        learned_skip=learned_skip,
         rngs=model_rngs(seed),
     )
 
@@ -282,7 +303,8 @@ def make_objective(name: str, config, unet_graphdef, null_ids, ae_graphdef, targ
         return objectives.Bridge(**common, tma_alpha=tma_alpha, sigma=float(d.get("bridge_sigma", 1.0)))
     if kind == "diffusion":  # configs saved before task_parameterization existed trained with `parameterization`
         return objectives.PairedDiffusion(**common, **denoising, tma_alpha=tma_alpha, residual=residual,
-                                          parameterization=d.get("task_parameterization", d.parameterization))
+                                          parameterization=d.get("task_parameterization", d.parameterization),
+                                          skip_rate=skip_rate(name, config))
     synthesis = dict(common, **denoising, parameterization=d.parameterization,
                      consistency_weight=float(d.consistency_weight))
     if not masks.get("rmas", True):  # plain synthesis; the mask channel as the configured objective sets it
@@ -302,7 +324,7 @@ def diffusion_stage(name: str, config, ae_graphdef, ae_params, latent_scale: flo
     predicts with `diffusion.task_parameterization` (with `x0` a zero output is the identity, see
     `warm_start_task`; `v` by default), the foundation with `diffusion.parameterization`.
     """
-    unet = build_unet(config, target_channels, source_channels, seed)
+    unet = build_unet(config, target_channels, source_channels, seed, learned_skip=skip_rate(name, config) > 0)
     graphdef, params = split_model(unet)
     objective = make_objective(name, config, graphdef, unet.null_ids, ae_graphdef, target_channels, source_channels)
     if init is not None:
