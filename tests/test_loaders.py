@@ -236,13 +236,31 @@ def test_bad_values(tmp_path):
     assert "NaN or inf" in _error(tmp_path / "inf.nii")
 
 
-def test_pickled_object_arrays_are_refused(tmp_path):
+class _CreatesFileWhenUnpickled:
+    """Unpickling this runs `open(path, "w")`: the file exists afterwards only if something unpickled it."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_pickled_object_arrays_are_refused_and_never_unpickled(tmp_path):
+    marker = tmp_path / "unpickled"
     obj = np.empty(2, dtype=object)
-    obj[0], obj[1] = sinogram(), "payload"
+    obj[0], obj[1] = sinogram(), _CreatesFileWhenUnpickled(marker)
     np.save(tmp_path / "o.npy", obj)  # numpy pickles object arrays when saving; loading must refuse
-    assert "pickled" in _error(tmp_path / "o.npy")
     np.savez(tmp_path / "o.npz", target=obj)
+    # The payload is live: numpy loading it with pickles allowed creates the file.
+    np.load(tmp_path / "o.npy", allow_pickle=True)[1].close()
+    assert marker.exists()
+    marker.unlink()
+    assert "pickled" in _error(tmp_path / "o.npy")
     assert "pickled" in _error(tmp_path / "o.npz", "target")
+    with pytest.raises(loaders.DataFileError, match="pickled"):  # the physics variables' path
+        loaders.read_optional(tmp_path / "o.npz", ["target"])
+    assert not marker.exists()
 
 
 def test_non_numeric_matlab_variables(tmp_path):

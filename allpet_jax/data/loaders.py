@@ -12,6 +12,9 @@ Layouts
   (MATLAB's own `radon` returns `(n_bins, n_angles)`: transpose such arrays before saving them.)
 - `.npy`: one array per file. `.npz`/`.mat`: several named variables; pick one with `variable`.
   Files are always opened with `numpy.load(..., allow_pickle=False)`: pickled object arrays are refused.
+- Size: every reader reads the array's shape from the file's header (`.npy`/`.npz` header, `whosmat`,
+  the HDF5 dataset, the NIfTI header) and refuses an array above `max_bytes` (default `MAX_ARRAY_BYTES`)
+  before it allocates anything, so a damaged or hostile header fails with its shape, not a `MemoryError`.
 - MATLAB v5 (and v4/v6/v7, all read by `scipy.io.loadmat`) arrays come back exactly as MATLAB shows them.
   MATLAB v7.3 files are HDF5; MATLAB writes its column-major arrays there with the dimensions reversed,
   so an `A x B` MATLAB matrix is an HDF5 dataset of shape `(B, A)`. `read_array` reverses all axes of a
@@ -29,6 +32,7 @@ What this module is not: it does not resample images, pick slices out of volumes
 
 from __future__ import annotations
 
+import math
 import os
 import zipfile
 import zlib
@@ -36,6 +40,11 @@ import zlib
 import numpy as np
 
 from radon import Geometry, forward
+
+MAX_ARRAY_BYTES = 2 * 1024**3
+"""The default largest array a reader loads (bytes as stored). A 2 GiB array holds 8192 float32 sinograms of
+256 x 256, far more than one input file of this 2-D model needs, and still fits in a laptop's memory; a
+header that claims more is a damaged file or the wrong one. Readers take `max_bytes` to change it."""
 
 SINOGRAM_SUFFIXES = (".npy", ".npz", ".mat")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -47,8 +56,17 @@ class DataFileError(ValueError):
 
     def __init__(self, path, problem: str):
         self.path = os.fspath(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
+        self.problem = " ".join(line.strip() for line in problem.splitlines() if line.strip())  # one line
+        super().__init__(f"{self.path}: {self.problem}")
+
+
+class NegativeValuesError(DataFileError):
+    """Negative values where non-negative ones are required; `found` says how many, without a remedy, so a
+    caller that knows the user's options (sampling, training) can name them."""
+
+    def __init__(self, path, found: str, problem: str):
+        self.found = found
+        super().__init__(path, problem)
 
 
 def file_format(path) -> str:
@@ -58,6 +76,24 @@ def file_format(path) -> str:
         if name.endswith(suffix):
             return fmt
     raise DataFileError(path, f"unsupported file type; expected one of {', '.join(SUPPORTED_SUFFIXES)}")
+
+
+def file_inside(directory, name, listed_in) -> str:
+    """`directory/name` for a file `name` that a listing (`listed_in`, e.g. a shard manifest) names; a
+    `DataFileError` on `listed_in` unless the path, symlinks resolved, stays inside `directory`.
+
+    A listing is data, and data must not reach other files: absolute names, `..` and links that lead out
+    of `directory` are refused rather than read.
+    """
+    if not isinstance(name, str):
+        raise DataFileError(listed_in, f"expected a file name inside {os.fspath(directory)}, got {name!r}")
+    path = os.path.join(os.fspath(directory), name)
+    root = os.path.realpath(directory)
+    resolved = os.path.realpath(path)
+    if resolved == root or os.path.commonpath([root, resolved]) != root:
+        raise DataFileError(listed_in, f"names {name!r}, which is not a file inside the directory {os.fspath(directory)} "
+                                       f"(it resolves to {resolved}); a listing may only name files in its own directory")
+    return path
 
 
 def list_variables(path) -> list[str]:
@@ -70,29 +106,25 @@ def list_variables(path) -> list[str]:
         if _is_hdf5(path):
             with _open_h5(path) as f:
                 return sorted(k for k in f.keys() if not k.startswith("#"))
-        import scipy.io
-
-        try:
-            return sorted(name for name, _, _ in scipy.io.whosmat(os.fspath(path)))
-        except Exception as e:  # scipy raises several unrelated types for a damaged file
-            raise DataFileError(path, f"not a valid MATLAB .mat file ({type(e).__name__}: {e})") from e
+        return sorted(_whosmat(path))
     return []
 
 
-def read_array(path, variable: str | None = None) -> np.ndarray:
+def read_array(path, variable: str | None = None, *, max_bytes: int = MAX_ARRAY_BYTES) -> np.ndarray:
     """The numeric array stored in `path` (variable `variable` for `.npz`/`.mat`), as numpy.
 
     `variable=None` picks the only variable of a `.npz`/`.mat` file and is an error if there are several.
     NIfTI files give the image in `radon`'s orientation, `(H, W)` float32 (see the module docstring).
+    An array of more than `max_bytes` (as stored) is refused from its header, before it is read.
     """
     fmt = file_format(path)
     if fmt == "npy":
-        return _read_npy(path)
+        return _read_npy(path, max_bytes)
     if fmt == "npz":
-        return _read_npz(path, variable)
+        return _read_npz(path, variable, max_bytes)
     if fmt == "mat":
-        return _read_mat_h5(path, variable) if _is_hdf5(path) else _read_mat_v5(path, variable)
-    return read_nifti(path)
+        return _read_mat_h5(path, variable, max_bytes) if _is_hdf5(path) else _read_mat_v5(path, variable, max_bytes)
+    return read_nifti(path, max_bytes=max_bytes)
 
 
 def check_sinogram(x, geom: Geometry, path, what: str = "sinogram", allow_negative: bool = False) -> np.ndarray:
@@ -151,21 +183,23 @@ def read_optional(path, names) -> dict:
     return {name: read_array(path, name) for name in names if name in present}
 
 
-def read_nifti(path) -> np.ndarray:
+def read_nifti(path, *, max_bytes: int = MAX_ARRAY_BYTES) -> np.ndarray:
     """A 2-D NIfTI image as float32 `(H, W)` in `radon`'s orientation (see the module docstring)."""
-    image, _ = _read_nifti_with_spacing(path)
+    image, _ = _read_nifti_with_spacing(path, max_bytes)
     return image
 
 
-def load_sinogram(path, geom: Geometry, variable: str | None = None, *, allow_negative: bool = False) -> np.ndarray:
+def load_sinogram(path, geom: Geometry, variable: str | None = None, *, allow_negative: bool = False,
+                  max_bytes: int = MAX_ARRAY_BYTES) -> np.ndarray:
     """The checked sinogram `(C, n_angles, n_bins)` float32 stored in (or projected from) `path`.
 
     Sinogram files are read and checked against `geom`. A NIfTI image is checked (shape, voxel size,
-    values) and forward-projected with `radon.forward` into a `(1, n_angles, n_bins)` sinogram.
+    values) and forward-projected with `radon.forward` into a `(1, n_angles, n_bins)` sinogram. Arrays
+    above `max_bytes` are refused before they are read (`read_array`).
     """
     if file_format(path) != "nifti":
-        return check_sinogram(read_array(path, variable), geom, path, _what(variable), allow_negative)
-    image, spacing = _read_nifti_with_spacing(path)
+        return check_sinogram(read_array(path, variable, max_bytes=max_bytes), geom, path, _what(variable), allow_negative)
+    image, spacing = _read_nifti_with_spacing(path, max_bytes)
     if not np.allclose(spacing, geom.pixel_size, rtol=1e-3):
         raise DataFileError(
             path,
@@ -182,7 +216,47 @@ def load_sinogram(path, geom: Geometry, variable: str | None = None, *, allow_ne
 _READ_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, TypeError)
 
 
-def _read_npy(path) -> np.ndarray:
+def _check_size(path, what: str, shape, dtype, max_bytes: int) -> None:
+    """Refuse an array of `shape` and `dtype`, as a file's header gives them, above `max_bytes` as stored."""
+    shape, dtype = tuple(int(n) for n in shape), np.dtype(dtype)
+    size = math.prod(shape) * dtype.itemsize  # Python ints: a hostile shape cannot overflow
+    if size > max_bytes:
+        raise DataFileError(
+            path, f"{what} has shape {shape} {dtype} ({_format_bytes(size)}), above the limit of "
+            f"{_format_bytes(max_bytes)} for one array; the header is damaged or this is not the file meant "
+            "(store large data as several files)")
+
+
+def _format_bytes(n: int) -> str:
+    if n < 1024:
+        return f"{n} bytes"
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        n /= 1024
+        if n < 1024:
+            break
+    return f"{n:.3g} {unit}"
+
+
+def _npy_header(fh) -> tuple[tuple, np.dtype]:
+    """Shape and dtype from the header of the `.npy` stream `fh`; the data are not read."""
+    version = np.lib.format.read_magic(fh)
+    if version not in ((1, 0), (2, 0), (3, 0)):
+        raise ValueError(f"unknown .npy format version {version}")
+    # Version 3.0 is 2.0 with UTF-8 field names, which change neither the shape nor the item size.
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(fh)
+    return shape, dtype
+
+
+def _read_npy(path, max_bytes: int) -> np.ndarray:
+    try:
+        with open(os.fspath(path), "rb") as f:
+            shape, dtype = _npy_header(f)
+    except FileNotFoundError:
+        raise
+    except _READ_ERRORS as e:
+        raise DataFileError(path, f"not a valid .npy file or truncated ({type(e).__name__}: {e})") from e
+    _check_size(path, "array", shape, dtype, max_bytes)
     try:
         return np.load(os.fspath(path), allow_pickle=False)
     except FileNotFoundError:
@@ -211,9 +285,18 @@ def open_npz(path):
         raise DataFileError(path, f"not a valid .npz file or truncated ({type(e).__name__}: {e})") from e
 
 
-def _read_npz(path, variable):
+def _read_npz(path, variable, max_bytes: int):
     with open_npz(path) as z:
         name = _pick_variable(path, variable, sorted(z.files))
+        member = name if name in z.zip.namelist() else f"{name}.npy"  # numpy's own lookup order
+        try:
+            with z.zip.open(member) as fh:
+                shape, dtype = _npy_header(fh)
+        except _READ_ERRORS as e:
+            raise DataFileError(
+                path, f"variable {name!r} cannot be read: truncated or damaged ({type(e).__name__}: {e})"
+            ) from e
+        _check_size(path, f"variable {name!r}", shape, dtype, max_bytes)
         try:
             return z[name]
         except ValueError as e:
@@ -238,11 +321,28 @@ def _pick_variable(path, variable, present: list[str]) -> str:
     return variable
 
 
-def _read_mat_v5(path, variable):
+# Bytes per element of MATLAB's classes; cell arrays, structs and the rest take a pointer per element.
+_MATLAB_DTYPES = {"double": np.float64, "single": np.float32, "logical": np.bool_, "char": np.uint16,
+                  **{f"{sign}int{bits}": np.dtype(f"{sign}int{bits}") for sign in ("", "u") for bits in (8, 16, 32, 64)}}
+
+
+def _whosmat(path) -> dict:
+    """`{name: (shape, MATLAB class)}` of a MATLAB v4-v7 file, from the variables' headers alone."""
     import scipy.io
 
-    names = list_variables(path)
-    name = _pick_variable(path, variable, names)
+    try:
+        return {name: (shape, matlab_class) for name, shape, matlab_class in scipy.io.whosmat(os.fspath(path))}
+    except Exception as e:  # scipy raises several unrelated types for a damaged file
+        raise DataFileError(path, f"not a valid MATLAB .mat file ({type(e).__name__}: {e})") from e
+
+
+def _read_mat_v5(path, variable, max_bytes: int):
+    import scipy.io
+
+    variables = _whosmat(path)
+    name = _pick_variable(path, variable, sorted(variables))
+    shape, matlab_class = variables[name]
+    _check_size(path, f"variable {name!r}", shape, _MATLAB_DTYPES.get(matlab_class, object), max_bytes)
     try:
         value = scipy.io.loadmat(os.fspath(path), variable_names=[name])[name]
     except Exception as e:  # scipy raises several unrelated types for a damaged file
@@ -282,7 +382,7 @@ def _open_h5(path):
         raise DataFileError(path, f"not a valid MATLAB v7.3 (HDF5) .mat file or truncated ({e})") from e
 
 
-def _read_mat_h5(path, variable):
+def _read_mat_h5(path, variable, max_bytes: int):
     import h5py
 
     with _open_h5(path) as f:
@@ -295,6 +395,7 @@ def _read_mat_h5(path, variable):
             raise DataFileError(path, f"variable {name!r} is a MATLAB {kind}, not a real numeric array")
         if "MATLAB_empty" in node.attrs and node.attrs["MATLAB_empty"]:
             raise DataFileError(path, f"variable {name!r} is an empty MATLAB array")
+        _check_size(path, f"variable {name!r}", node.shape[::-1], node.dtype, max_bytes)  # in MATLAB's order
         try:
             value = node[()]
         except _READ_ERRORS as e:
@@ -303,15 +404,20 @@ def _read_mat_h5(path, variable):
     return np.transpose(np.asarray(value))
 
 
-def _read_nifti_with_spacing(path):
+def _read_nifti_with_spacing(path, max_bytes: int):
     import nibabel as nib
 
     try:
-        img = nib.as_closest_canonical(nib.load(os.fspath(path)))
-        data = np.asarray(img.get_fdata(dtype=np.float32))
-        zooms = img.header.get_zooms()
+        img = nib.load(os.fspath(path))  # the header only; the voxels stay on disk
     except FileNotFoundError:
         raise
+    except (nib.filebasedimages.ImageFileError, *_READ_ERRORS) as e:
+        raise DataFileError(path, f"not a valid NIfTI image or truncated ({type(e).__name__}: {e})") from e
+    _check_size(path, "NIfTI image", img.shape, img.get_data_dtype(), max_bytes)
+    try:
+        img = nib.as_closest_canonical(img)
+        data = np.asarray(img.get_fdata(dtype=np.float32))
+        zooms = img.header.get_zooms()
     except (nib.filebasedimages.ImageFileError, *_READ_ERRORS) as e:
         raise DataFileError(path, f"not a valid NIfTI image or truncated ({type(e).__name__}: {e})") from e
     extra = data.shape[2:]
@@ -332,12 +438,10 @@ def _check_values(x, path, what, quantity, allow_negative=False):
     if not finite.all():
         raise DataFileError(path, f"{what} has {int(x.size - finite.sum())} NaN or inf value(s); {quantity} must be finite")
     if not allow_negative and (x < 0).any():
-        raise DataFileError(
-            path,
-            f"{what} has {int((x < 0).sum())} negative value(s) (minimum {float(x.min()):.4g}); PET {quantity} "
-            "must be >= 0. If these are corrected (randoms/scatter-subtracted) data, set "
-            "data.allow_negative=True (allow_negative=True)",
-        )
+        found = f"{what} has {int((x < 0).sum())} negative value(s) (minimum {float(x.min()):.4g})"
+        raise NegativeValuesError(
+            path, found, f"{found}; PET {quantity} must be >= 0. If these are corrected (randoms/scatter-subtracted) "
+            "data, set data.allow_negative=True (allow_negative=True)")
     return x
 
 

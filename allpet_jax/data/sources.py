@@ -371,7 +371,7 @@ def read_manifest(directory, *, verify: bool = True) -> dict:
         raise loaders.DataFileError(path, f"shards hold {expected_start} samples but the manifest says {manifest['count']}")
     if verify:
         for entry in shards:
-            shard = os.path.join(directory, entry["file"])
+            shard = loaders.file_inside(directory, entry["file"], path)
             digest = _sha256(shard)
             if digest is None:
                 raise loaders.DataFileError(shard, "shard listed in the manifest is missing")
@@ -430,7 +430,7 @@ class ShardSource(_Source):
 
     def _load_shard(self, s: int) -> dict:
         entry = self.manifest["shards"][s]
-        path = os.path.join(self.directory, entry["file"])
+        path = loaders.file_inside(self.directory, entry["file"], os.path.join(self.directory, MANIFEST))
         with loaders.open_npz(path) as z:
             arrays = {}
             for f in self.fields:
