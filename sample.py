@@ -20,7 +20,9 @@ each input (`allpet_jax.data.sources.PHYSICS_FIELDS`): the simulator provides th
 Writes to `--out` (default `WORKDIR/samples/<task>`): `outputs.npz` (`output` `(K, N, C, A, B)` in
 counts, `source`, `target`, FBP and OSEM images, and for K > 1 the per-pixel `mean` and `std` over the
 K samples, in sinogram and image space), `outputs.mat` with `--mat`, and PNG figures. Everything is
-written into a temporary directory that replaces `--out` only when complete.
+written into a temporary directory that replaces `--out` only when complete. An existing `--out` is
+replaced only with `--overwrite`, and only when sample.py wrote it and it holds nothing else (its owner
+file, `allpet_jax.atomic_write.OWNER_FILE`, lists what it wrote); that is checked before sampling.
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from allpet_jax import plots, sampling, tasks
+from allpet_jax import atomic_write, plots, sampling, tasks
 
 FLAGS = flags.FLAGS
+TOOL = "sample.py"  # the owner named in --out's owner file (atomic_write.OWNER_FILE)
 flags.DEFINE_string("workdir", "", "training run directory (holds autoencoder/, foundation/, task/, ...)")
 flags.DEFINE_string("checkpoint", "", "a stage directory (WORKDIR/<stage>) instead of --workdir")
 flags.DEFINE_string("stage", "", "stage under --workdir: default foundation (synthesis) or task; 'regressor' or "
@@ -45,7 +48,8 @@ flags.DEFINE_string("input", "", "source sinogram file(s): .npy/.npz/.mat/NIfTI;
 flags.DEFINE_string("source_variable", "", "variable name inside .npz/.mat inputs (default: the only/'source' one)")
 flags.DEFINE_integer("n", 8, "number of simulated test samples (without --input) or synthesised sinograms")
 flags.DEFINE_string("out", "", "output directory (default WORKDIR/samples/<task>)")
-flags.DEFINE_bool("overwrite", False, "replace an existing --out")
+flags.DEFINE_bool("overwrite", False, "replace an existing --out that sample.py wrote (one holding any other "
+                                       "file is refused)")
 flags.DEFINE_string("sampler", "", "ddim, ddpm, ddbm or direct (default: the model's objective's first)")
 flags.DEFINE_integer("steps", 50, "sampler steps (DDIM/DDBM; DDPM always runs every training step)")
 flags.DEFINE_float("eta", None, "DDIM/DDBM stochasticity (default 0 for DDIM, 1 for DDBM)")
@@ -70,6 +74,12 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     if FLAGS.num_samples < 1 or FLAGS.n < 1 or FLAGS.steps < 1:
         raise app.UsageError("--num_samples, --n and --steps must be >= 1")
+    if not (FLAGS.workdir or FLAGS.checkpoint):
+        raise ValueError("give --workdir (a training run) or --checkpoint (a stage directory)")
+    run_dir = FLAGS.workdir or os.path.dirname(os.path.abspath(FLAGS.checkpoint))
+    # Checked now, not after minutes of sampling: a refusal costs nothing and touches nothing.
+    out = atomic_write.check_output_dir(FLAGS.out or os.path.join(run_dir, "samples", FLAGS.task), TOOL,
+                                        replace=FLAGS.overwrite)
     trained = sampling.load_for_task(FLAGS.task, FLAGS.workdir, FLAGS.checkpoint, FLAGS.stage)
     synthesis = not tasks.is_paired(FLAGS.task)
     if (FLAGS.n_angles or FLAGS.n_bins) and not synthesis:
@@ -93,7 +103,8 @@ def main(argv):
     t0 = time.perf_counter()
     outputs = sampling.generate(trained, batch, jax.random.key(FLAGS.seed), sampler=FLAGS.sampler or None,
                                 num_steps=FLAGS.steps, eta=FLAGS.eta, num_samples=FLAGS.num_samples,
-                                guidance=FLAGS.guidance, cfg_scale=FLAGS.cfg_scale)
+                                guidance=FLAGS.guidance, cfg_scale=FLAGS.cfg_scale,
+                                progress=f"{FLAGS.task} ({FLAGS.sampler or 'default sampler'}, {FLAGS.steps} steps)")
     wall = time.perf_counter() - t0
     print(f"generated {outputs.shape[0]} x {outputs.shape[1]} sinograms {outputs.shape[2:]} in {wall:.1f} s "
           f"(sampler {FLAGS.sampler or 'default'}, {FLAGS.steps} steps, compile included)", flush=True)
@@ -130,9 +141,7 @@ def main(argv):
             p, plots.task_rows(image_of("source", m) if "source" in recon else None, image_of("output", m),
                                image_of("target", m) if "target" in recon else None, s),
             f"{title}: {m.upper()}")))
-    out = FLAGS.out or os.path.join(FLAGS.workdir or os.path.dirname(os.path.abspath(trained.directory)), "samples",
-                                    FLAGS.task)
-    path = sampling.write_outputs(out, arrays, mat=FLAGS.mat, figures=figures, overwrite=FLAGS.overwrite)
+    path = sampling.write_outputs(out, arrays, mat=FLAGS.mat, figures=figures, overwrite=FLAGS.overwrite, tool=TOOL)
     print(f"wrote {path}: outputs.npz{' + outputs.mat' if FLAGS.mat else ''}, "
           + ", ".join(name for name, _ in figures), flush=True)
 

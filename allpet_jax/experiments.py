@@ -18,10 +18,11 @@ import time
 
 import numpy as np
 
-from allpet_jax.atomic_write import write_text
+from allpet_jax.atomic_write import OutputDirectoryError, claim_output_dir, write_text
 from allpet_jax.tasks import LOW_DOSE, PAIRED_TASKS, SYNTHESIS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL = "allpet_jax.experiments"  # the owner named in --runs' owner file (atomic_write.OWNER_FILE)
 
 
 @dataclasses.dataclass
@@ -226,10 +227,12 @@ def run_tasks(runs_dir: str, preset: str, tasks=PAIRED_TASKS, overrides=(), eval
 
 def main(argv=None) -> None:
     import argparse
-    p = argparse.ArgumentParser(description="Per-task table: python -m allpet_jax.experiments --preset cpu "
+    p = argparse.ArgumentParser(prog="python -m allpet_jax.experiments",
+                                description="Per-task table: python -m allpet_jax.experiments --preset cpu "
                                             "--runs notebook_runs/tasks_cpu")
     p.add_argument("--preset", default="cpu")
-    p.add_argument("--runs", required=True, help="directory for the runs and results.md")
+    p.add_argument("--runs", required=True, help="directory for the runs and results.md: new, empty, or one this "
+                                                 "command wrote (rerun to resume it)")
     p.add_argument("--tasks", default=",".join(PAIRED_TASKS), help="comma-separated; the first trains every stage")
     p.add_argument("--overrides", default="", help="extra train.py flags for every run, space-separated")
     args = p.parse_args(argv)
@@ -237,12 +240,16 @@ def main(argv=None) -> None:
     unknown = [t for t in tasks if t not in PAIRED_TASKS]
     if unknown or not tasks:
         p.error(f"--tasks must be a non-empty subset of {PAIRED_TASKS}; got {args.tasks!r}")
-    runs_by_task = run_tasks(os.path.abspath(args.runs), args.preset, tasks, args.overrides.split())
+    try:  # before hours of training: a directory holding anyone else's files is refused, untouched
+        runs_dir = claim_output_dir(args.runs, TOOL, [*tasks, SYNTHESIS, "results.md"])
+    except OutputDirectoryError as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
+    runs_by_task = run_tasks(runs_dir, args.preset, tasks, args.overrides.split())
     table = task_table(runs_by_task)
     print(table)
-    with open(os.path.join(args.runs, SYNTHESIS, "results.md")) as f:
+    with open(os.path.join(runs_dir, SYNTHESIS, "results.md")) as f:
         table += "\n\nSynthesis (the foundation model, prompts of the test split):\n\n" + f.read()
-    write_results(os.path.join(args.runs, "results.md"), "Tasks", table, {t: [r] for t, r in runs_by_task.items()},
+    write_results(os.path.join(runs_dir, "results.md"), "Tasks", table, {t: [r] for t, r in runs_by_task.items()},
                   args.preset, args.overrides.split())
 
 

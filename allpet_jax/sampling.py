@@ -4,7 +4,8 @@
   tasks, or any stage directory), refused with a clear error when it was trained for another task.
 - Inputs: `simulated_inputs` reads a split of the simulator with the checkpoint's data config (the
   held-out `test` split by default; its seeds never overlap training, see `data/sources.py`);
-  `file_inputs` reads users' files with the loaders' checks (shape, finite, non-negative);
+  `file_inputs` reads users' files with the loaders' checks (shape, finite, and non-negative unless the
+  model was trained on corrected sinograms);
   `synthesis_inputs` builds prompts and a geometry for synthesis. With `physics=True` both also give
   the raw data `sources.PHYSICS_FIELDS` (prompts, eta, a, scatter, randoms) that guidance and clinical
   OSEM need.
@@ -24,8 +25,6 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -90,17 +89,25 @@ def file_inputs(trained: runs.TrainedStage, path: str, variable: str = "", promp
                 physics: bool = False) -> dict:
     """Source sinograms from a file (any loader format) checked against the checkpoint's geometry: one
     sinogram `(C, A, B)` / `(A, B)` or a stack `(N, C, A, B)` (a NIfTI image is forward-projected);
-    finite; non-negative unless the run was trained with `data.allow_negative`. With `physics`, also the
-    variables of `sources.PHYSICS_FIELDS` and `dose` that a `.npz`/`.mat` file holds (`sources.read_physics`;
-    for a stack, each with the same leading axis `N`); absent ones are left out."""
+    finite; and non-negative unless the model was trained on corrected sinograms, which dip below zero:
+    the simulator's (`data.source='simulated'`, cached shards included) or files with `data.allow_negative`.
+    With `physics`, also the variables of `sources.PHYSICS_FIELDS` and `dose` that a `.npz`/`.mat` file
+    holds (`sources.read_physics`; for a stack, each with the same leading axis `N`); absent ones are left out."""
     geom = geometry_of(trained)
-    allow_negative = bool(trained.config.data.get("allow_negative", False))
-    if loaders.file_format(path) == "nifti":  # an image: checked and forward-projected by the loader
-        source = loaders.load_sinogram(path, geom, allow_negative=allow_negative)[None]
-    else:
-        raw = loaders.read_array(path, variable or None)
-        stack = raw if raw.ndim == 4 else raw[None]
-        source = np.stack([loaders.check_sinogram(x, geom, path, "source sinogram", allow_negative) for x in stack])
+    data = trained.config.data
+    allow_negative = data.source == "simulated" or bool(data.get("allow_negative", False))
+    try:
+        if loaders.file_format(path) == "nifti":  # an image: checked and forward-projected by the loader
+            source = loaders.load_sinogram(path, geom, allow_negative=allow_negative)[None]
+        else:
+            raw = loaders.read_array(path, variable or None)
+            stack = raw if raw.ndim == 4 else raw[None]
+            source = np.stack([loaders.check_sinogram(x, geom, path, "source sinogram", allow_negative) for x in stack])
+    except loaders.NegativeValuesError as e:  # the loader's remedy is a training option; name the user's own
+        raise loaders.DataFileError(
+            path, f"{e.found}, but this model was trained on uncorrected, non-negative sinograms and takes only "
+            "those: pass the uncorrected sinogram, or sample with a model trained on corrected (randoms/scatter-"
+            "subtracted) sinograms (--checkpoint or --workdir)") from e
     channels = trained.meta.get("channels", {}).get("source", 1)
     if source.shape[1] != channels:
         raise loaders.DataFileError(path, f"source sinogram has {source.shape[1]} channel(s); the {trained.meta['task']} "
@@ -244,21 +251,27 @@ def add_poisson_data(trained: runs.TrainedStage, batch: dict, inputs: dict, dose
 
 def generate(trained: runs.TrainedStage, batch: dict, key, *, sampler: str | None = None, num_steps: int | None = None,
              eta: float | None = None, num_samples: int = 1, chunk: int = 0, guidance: float = 0.0,
-             progress: str = "", cfg_scale: float = 1.0) -> np.ndarray:
+             progress: str | bool = True, cfg_scale: float = 1.0) -> np.ndarray:
     """`(num_samples, N, C, A, B)` sinograms in counts. Sample `k` of the chunk starting at input `lo`
     uses `fold_in(fold_in(key, k), lo)`: the same key, inputs and `chunk` reproduce the same samples.
-    A non-empty `progress` shows a tqdm bar over the sinograms, with that description. `guidance` is the
-    Poisson data-consistency scale, `cfg_scale` the classifier-free guidance scale (1 = off)."""
+    `progress` shows a tqdm bar on stderr over the `num_samples * N` sinograms, with the sample and chunk
+    being drawn (the first chunk includes compilation): a string is its description, True a plain
+    "sampling", False or "" no bar. `guidance` is the Poisson data-consistency scale, `cfg_scale` the
+    classifier-free guidance scale (1 = off)."""
     from tqdm import tqdm
 
     n = batch["prompt"].shape[0]
     chunk = chunk or int(trained.config.data.batch_size)
+    n_chunks = -(-n // chunk)
     fn = _compiled_generate(trained.stage.generate, sampler, num_steps, eta, guidance, cfg_scale)
     outs = []
-    with tqdm(total=num_samples * n, desc=progress, unit="sino", disable=not progress, leave=True) as bar:
+    description = progress if isinstance(progress, str) else "sampling"
+    with tqdm(total=num_samples * n, desc=description, unit="sino", disable=not progress, leave=True,
+              dynamic_ncols=True) as bar:
         for k in range(num_samples):
             parts = []
-            for lo in range(0, n, chunk):
+            for j, lo in enumerate(range(0, n, chunk)):
+                bar.set_postfix_str(f"sample {k + 1}/{num_samples}, chunk {j + 1}/{n_chunks}")
                 idx = np.arange(lo, lo + chunk).clip(max=n - 1)  # pad the last chunk: one compiled shape
                 sub = {f: jnp.asarray(v[idx]) for f, v in batch.items()}
                 out = fn(trained.state.ema, trained.state.frozen, sub,
@@ -307,16 +320,16 @@ def clinical_osem(prompts, geom: radon.Geometry, *, normalisation, attenuation, 
                                  background=background))
 
 
-def write_outputs(out_dir: str, arrays: dict, *, mat: bool = False, figures=(), overwrite: bool = False) -> str:
+def write_outputs(out_dir: str, arrays: dict, *, mat: bool = False, figures=(), overwrite: bool = False,
+                  tool: str = "sample.py") -> str:
     """Write `arrays` to `out_dir/outputs.npz` (and `outputs.mat`) and each `(name, fig_fn)` in `figures`
-    (`fig_fn(path)` writes a PNG), all into a temporary directory renamed to `out_dir` at the end."""
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; choose another --out or pass --overwrite")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
-    try:
+    (`fig_fn(path)` writes a PNG), all into a temporary directory that replaces `out_dir` at the end
+    (`atomic_write.replacing_dir`). An existing `out_dir` is replaced only with `overwrite`, and only when
+    `tool` wrote it and it holds nothing else; otherwise one `OutputDirectoryError` line, nothing touched.
+    Returns `out_dir` made absolute."""
+    from allpet_jax import atomic_write
+
+    with atomic_write.replacing_dir(out_dir, tool, replace=overwrite) as tmp:
         np.savez_compressed(os.path.join(tmp, "outputs.npz"), **arrays)
         if mat:
             from scipy.io import savemat
@@ -324,10 +337,4 @@ def write_outputs(out_dir: str, arrays: dict, *, mat: bool = False, figures=(), 
             savemat(os.path.join(tmp, "outputs.mat"), arrays, do_compression=True)
         for name, fig_fn in figures:
             fig_fn(os.path.join(tmp, name))
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return os.path.abspath(out_dir)

@@ -5,7 +5,9 @@
         --n_angles 128 --n_bins 128 --shard_size 32 --out data/delayed/test
 
 Read the result with `ShardSource(out)`, or point `config.data.cache_dir` at the parent of `<split>`
-directories. Rerunning an interrupted command finishes it; the shards already written are kept.
+directories. Rerunning an interrupted command finishes it; the shards already written are kept. `--out`
+must be new, empty or a directory this command wrote (`allpet_jax.atomic_write.claim_output_dir`): one
+holding other files is refused before anything is simulated.
 """
 
 from __future__ import annotations
@@ -14,15 +16,18 @@ import argparse
 import json
 import sys
 
+from allpet_jax.atomic_write import OutputDirectoryError, claim_output_dir
 from allpet_jax.data import sources
 from radon import Geometry
+
+TOOL = "allpet_jax.data.make"  # the owner named in --out's owner file (atomic_write.OWNER_FILE)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m allpet_jax.data.make", description=__doc__.split("\n\n")[0])
     p.add_argument("--task", required=True, help="task name, e.g. low_dose (see allpet_jax.tasks.TASKS)")
     p.add_argument("--n", type=int, required=True, help="number of samples")
-    p.add_argument("--out", required=True, help="output directory (created if needed)")
+    p.add_argument("--out", required=True, help="output directory: new, empty, or one this command wrote")
     p.add_argument("--split", default="train", choices=sources.SPLITS, help="split, which selects disjoint keys")
     p.add_argument("--seed", type=int, default=0, help="dataset seed")
     p.add_argument("--size", type=int, default=256, help="image size N (N x N pixels)")
@@ -33,7 +38,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shard_size", type=int, default=64, help="samples per shard")
     p.add_argument("--options", default="{}", help="JSON object of extra simulate_pair options")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.shard_size < 1:
+        p.error(f"--shard_size must be a positive number of samples; got {args.shard_size}")
+    return args
 
 
 def main(argv=None) -> dict:
@@ -51,6 +59,12 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--options must be a JSON object; got {args.options!r}")
     # Each sample is written once, so an in-memory cache would only cost memory.
     source = sources.SimulatedSource(args.task, geom, args.n, args.seed, args.split, cache_bytes=0, **options)
+    n_shards = -(-args.n // args.shard_size)
+    written = [sources.MANIFEST] + [sources._shard_name(args.split, i, n_shards) for i in range(n_shards)]
+    try:
+        claim_output_dir(args.out, TOOL, written)
+    except OutputDirectoryError as e:
+        raise SystemExit(f"{TOOL}: error: {e}") from None
     manifest = sources.write_shards(args.out, source, shard_size=args.shard_size, progress=not args.no_progress)
     print(f"wrote {manifest['count']} samples in {len(manifest['shards'])} shard(s) to {args.out}", file=sys.stderr)
     return manifest
