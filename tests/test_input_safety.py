@@ -176,3 +176,16 @@ def test_sampling_accepts_negative_bins_where_training_saw_them(tmp_path):
     assert "allow_negative" not in message and "\n" not in message
     assert "uncorrected" in message and "checkpoint" in message
     assert math.isclose(float(corrected.min()), float(message.split("minimum ")[1].split(")")[0]), rel_tol=1e-3)
+
+
+def test_negative_raw_physics_fields_name_no_option(tmp_path):
+    """Raw prompts and expected backgrounds are never negative, whatever the run's options: the refusal says
+    so and does not send the user to `data.allow_negative`, which would not make them acceptable."""
+    path = tmp_path / "physics.npz"
+    randoms = np.ones((1,) + GEOM.sino_shape, np.float32)
+    randoms[0, 0, :3] = -1.0
+    np.savez(path, randoms=randoms)
+    with pytest.raises(loaders.DataFileError) as e:
+        sources.read_physics(path, GEOM, source_channels=1)
+    message = str(e.value)
+    assert "3 negative value(s)" in message and "never negative" in message and "allow_negative" not in message

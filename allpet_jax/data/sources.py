@@ -660,7 +660,11 @@ def _checked_physics(name, x, geom, path, source_channels, target_channels):
     what = f"variable {name!r}"
     if name in _FACTOR_FIELDS:
         return loaders.check_factor(x, geom, path, what, upper=1.0 if name == "attenuation" else None)
-    x = loaders.check_sinogram(x, geom, path, what)  # raw counts and expected backgrounds: never negative
+    try:
+        x = loaders.check_sinogram(x, geom, path, what)
+    except loaders.NegativeValuesError as e:  # no option makes these acceptable: say what they must be
+        raise loaders.DataFileError(path, f"{e.found}; {name} are raw prompts or expected backgrounds, which are "
+                                          "never negative: store them before any correction") from None
     side, channels = ("target", target_channels) if name.startswith("target_") else ("source", source_channels)
     if channels is not None and x.shape[0] != channels:
         raise loaders.DataFileError(path, f"{what} has {x.shape[0]} channel(s) but the {side} sinogram has {channels}; "
