@@ -36,6 +36,12 @@ noise draw) loses about 3 dB to any mean estimate. Two ceilings head every table
   training at all) steered by the same likelihood, the paper's use without pairs;
 - `full-dose clinical OSEM` (image space): the reference image a full-dose scan gives.
 
+**Post-filter, for every row alike.** Each row's FBP and OSEM images are smoothed with the Gaussian width
+(`SIGMAS_PX`, 0 included) that maximised that row's own mean image PSNR on the validation split, which
+every method is therefore also run on: the clinical baseline is not the only image a clinic would
+filter. `OSEM PSNR dB, no post-filter` keeps the unfiltered number; `post_filter_sigma_px` in
+results.json the widths.
+
 Every trained model is scored at its checkpoint with the best validation metric (`runs.load_trained(...,
 best=True)`; `checkpoint_steps` in results.json), so no method is picked on the test split.
 
@@ -43,7 +49,9 @@ best=True)`; `checkpoint_steps` in results.json), so no method is picked on the 
 for a deterministic prediction it is the absolute error, so every row has one), divided by the mean
 clean count of the sample; coverage of the clean target by the central 90 % interval of the samples (a
 calibrated K-member ensemble scores `metrics.calibrated_coverage(K)`, 0.882 at K = 16); the
-correlation of the per-bin standard deviation with the absolute error of the mean.
+correlation of the per-bin standard deviation with the absolute error of the mean; and one sample's
+sinogram PSNR against what a calibrated sampler would give it, `10 log10(2K / (K + 1))` dB below the
+mean of K (`calibration_gap`; 0 is calibrated).
 
 **Differences**: every method minus the reference baseline (the pixel regressor when trained, else the
 identity), per test sample, as the mean with its 95 % paired bootstrap interval.
@@ -76,6 +84,8 @@ SIGMAS_PX = (0.0, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 COVERAGE_LEVEL = 0.9
 CEILING_NOISY = "ceiling: noisy target (a perfect single sample)"
 CEILING_AE = "ceiling: autoencoder D(E(clean target))"
+SOURCE_CLINICAL = "source: FBP / clinical OSEM + Gaussian (val-tuned)"
+FULL_DOSE = "full-dose clinical OSEM (reference)"
 
 
 # --- scoring -------------------------------------------------------------------------------------------
@@ -131,15 +141,35 @@ def score_images(images: dict, sample: dict) -> dict:
     return out
 
 
-def score_prediction(pred, sample: dict, geom) -> dict:
-    """Sinogram and image scores of one prediction `(N, C, A, B)` in counts."""
-    return {**score_sinograms(pred, sample), **score_images(image_space(pred, sample, geom), sample)}
+def score_prediction(pred, sample: dict, geom, sigmas=None) -> dict:
+    """Sinogram and image scores of one prediction `(N, C, A, B)` in counts, its images post-filtered with
+    `sigmas` (pixels per reconstruction, `tune_post_filter`; none by default). `osem_psnr_unfiltered`
+    keeps the OSEM PSNR before the filter."""
+    images = image_space(pred, sample, geom)
+    unfiltered = np.asarray(metrics.psnr(images["osem"], np.asarray(sample["image"], np.float32)))
+    return {**score_sinograms(pred, sample), **score_images(post_filter(images, sigmas), sample),
+            "osem_psnr_unfiltered": unfiltered}
+
+
+def post_filter(images: dict, sigmas=None) -> dict:
+    return {m: gaussian(img, (sigmas or {}).get(m, 0.0)) for m, img in images.items()}
 
 
 def gaussian(images, sigma_px: float):
     if sigma_px <= 0:
         return images
     return ndimage.gaussian_filter(images, sigma=(0,) * (images.ndim - 2) + (sigma_px, sigma_px))
+
+
+def calibration_gap(one_psnr, mean_psnr, k: int):
+    """Per sample, how far one sample's PSNR lies from what a calibrated sampler gives it, in dB.
+
+    If the K samples and the truth are exchangeable draws of one posterior of variance `V`, one sample's
+    expected squared error is `2 V` and the mean of K's `V (1 + 1 / K)`: one sample sits
+    `10 log10(2 K / (K + 1))` dB below the mean of K (2.75 dB at K = 16). The gap is 0 for such a sampler
+    and negative when single samples are worse than their spread explains (e.g. artefacts the mean
+    averages away)."""
+    return np.asarray(one_psnr) - np.asarray(mean_psnr) + 10.0 * np.log10(2.0 * k / (k + 1.0))
 
 
 def tune_post_filter(images: dict, sample: dict) -> dict:
@@ -181,10 +211,12 @@ def paired_deltas(rows: dict, reference: str, key) -> dict:
 
 SINOGRAM_COLUMNS = [("sino_psnr", "PSNR dB"), ("sino_ssim", "SSIM"), ("sino_nrmse", "NRMSE"),
                     ("sino_psnr_noisy", "PSNR dB vs noisy target (secondary)")]
-IMAGE_COLUMNS = [("fbp_psnr", "FBP PSNR dB"), ("osem_psnr", "OSEM PSNR dB"), ("osem_ssim", "OSEM SSIM"),
+IMAGE_COLUMNS = [("fbp_psnr", "FBP PSNR dB"), ("osem_psnr", "OSEM PSNR dB"),
+                 ("osem_psnr_unfiltered", "OSEM PSNR dB, no post-filter"), ("osem_ssim", "OSEM SSIM"),
                  ("osem_nrmse", "OSEM NRMSE"), ("osem_cr_hot", "OSEM CR hot"), ("osem_cr_cold", "OSEM CR cold"),
                  ("osem_lesion_err", "OSEM lesion err")]
-POSTERIOR_COLUMNS = [("crps", "rel. CRPS"), ("coverage90", "90% coverage"), ("spread_error_corr", "corr(std, |err|)")]
+POSTERIOR_COLUMNS = [("crps", "rel. CRPS"), ("coverage90", "90% coverage"), ("spread_error_corr", "corr(std, |err|)"),
+                     ("calibration_gap", "one sample vs calibrated, dB")]
 SYNTHESIS_COLUMNS = [("range_residual", "range residual"), ("hl_residual", "HL moment residual"),
                      ("negative_fraction", "negative fraction"), ("stats_distance", "Frechet dist. to test"),
                      ("region_match", "region match")]
@@ -229,14 +261,19 @@ def paired_report(result: dict, summary: dict) -> str:
         "PSNR/SSIM and lower NRMSE are better; the last column scores against the noisy target, which no "
         "estimator can match (its ceiling is the noisy target's own noise).",
         markdown(summary, SINOGRAM_COLUMNS),
-        "**Image space**, FBP and OSEM of each sinogram against the true activity `image`. CR: lesion contrast "
-        "recovery (1 is perfect); lesion err: relative error of the mean activity in the lesions.",
+        "**Image space**, FBP and OSEM of each sinogram against the true activity `image`, each row post-filtered "
+        "with the Gaussian width that maximised its own validation PSNR (the unfiltered OSEM PSNR in its own "
+        "column). CR: lesion contrast recovery (1 is perfect); lesion err: relative error of the mean activity "
+        "in the lesions.",
         markdown(summary, IMAGE_COLUMNS),
         f"**Posterior quality**, K = {k} samples per input against the clean target. rel. CRPS: per-bin CRPS "
         "over the mean clean count (lower is better; for a point prediction it is the relative absolute "
         f"error, so every row has one). 90% coverage: share of bins whose truth lies in the samples' central "
         f"90 % interval; a calibrated ensemble of {k} scores {calibrated:.3f}, lower means overconfident. "
-        "corr(std, |err|): whether the uncertainty map points at the errors of the mean.",
+        "corr(std, |err|): whether the uncertainty map points at the errors of the mean. One sample vs "
+        f"calibrated: one sample's PSNR minus what a calibrated sampler gives it ({calibration_gap(0, 0, k):.2f} "
+        "dB below the mean of K); 0 is calibrated, negative means single samples are worse than their spread "
+        "explains.",
         markdown(summary, POSTERIOR_COLUMNS),
         f"**Differences against `{result['reference']}`**, paired per test sample: mean and 95 % bootstrap "
         "interval (2000 resamples); an interval that excludes 0 is a difference this test set resolves. For "
@@ -277,25 +314,28 @@ def evaluate_paired(trained, workdir: str, n: int, sampler, steps: int, num_samp
                     guidance=(), zero_pair_guidance=None, progress: bool = True) -> dict:
     """Every method's per-sample scores on `n` test samples (see the module docstring). `guidance`: the
     Poisson guidance scales of the task model's rows; `zero_pair_guidance` those of the zero-pair arm
-    (default: the same)."""
+    (default: the same).
+
+    Every row's FBP and OSEM images are post-filtered with the Gaussian width (`SIGMAS_PX`, 0 included)
+    that maximised that row's own mean image PSNR on the validation split, the treatment a clinic gives
+    its own reconstruction: so each method is run on validation too (with the same seed)."""
     geom = sampling.geometry_of(trained)
-    test = sampling.simulated_inputs(trained, n, physics=True)
-    val = sampling.simulated_inputs(trained, min(n, max(sampling.pipeline.split_size(trained.config.data, "val"), 1)),
-                                    "val", physics=True)
+    splits = {"val": sampling.simulated_inputs(trained, min(n, max(sampling.pipeline.split_size(
+                  trained.config.data, "val"), 1)), "val", physics=True),
+              "test": sampling.simulated_inputs(trained, n, physics=True)}
+    test = splits["test"]
     norm = trained.normalisation
     channels = trained.meta.get("channels", {}).get("target", 1)
     to_target = np.float32(norm.target_scale / norm.source_scale)
     task = trained.meta["task"]
 
-    rows, timings, steps_used = {}, {}, {}
-    target = np.asarray(test["target"], np.float32)
-    rows[CEILING_NOISY] = score_prediction(target, test, geom)
-    rows[CEILING_AE] = score_prediction(autoencoder_roundtrip(trained, test["target_clean"]), test, geom)
-    identity = np.asarray(latent.match_channels(np.asarray(test["source"]) * to_target, channels))
-    rows["identity"] = score_prediction(identity, test, geom)
-    sigmas = tune_post_filter(source_images(trained, val, geom, channels), val)
-    filtered = {m: gaussian(img, sigmas[m]) for m, img in source_images(trained, test, geom, channels).items()}
-    rows["source: FBP / clinical OSEM + Gaussian (val-tuned)"] = score_images(filtered, test)
+    # every row's prediction on both splits: sinograms (N, C, A, B) in counts, or images for the clinical rows
+    sinograms, images, posterior, timings, steps_used = {}, {}, {}, {}, {}
+    sinograms[CEILING_NOISY] = {s: np.asarray(x["target"], np.float32) for s, x in splits.items()}
+    sinograms[CEILING_AE] = {s: autoencoder_roundtrip(trained, x["target_clean"]) for s, x in splits.items()}
+    sinograms["identity"] = {s: np.asarray(latent.match_channels(np.asarray(x["source"]) * to_target, channels))
+                             for s, x in splits.items()}
+    images[SOURCE_CLINICAL] = {s: source_images(trained, x, geom, channels) for s, x in splits.items()}
 
     models = []
     for stage, label in (("pixel_regressor", "pixel U-Net regressor"), ("regressor", "latent U-Net regressor")):
@@ -315,32 +355,51 @@ def evaluate_paired(trained, workdir: str, n: int, sampler, steps: int, num_samp
     for name, model, g, zero_pair in models:
         deterministic = objectives.objective_of(model.name, model.config) == "regression"
         k = 1 if deterministic else num_samples
-        if zero_pair:  # the foundation generates a full-dose sinogram from the prompt; the data steer it
-            prompt = np.asarray(test["prompt"]).copy()
-            prompt[:, 2] = tasks.task_id(tasks.SYNTHESIS)
-            batch = sampling.model_batch(model, {"prompt": prompt, "geometry_only": np.zeros_like(target)})
-        else:
-            batch = sampling.model_batch(model, test)
-        if g:
-            batch = sampling.add_poisson_data(model, batch, test)
-        t0 = time.perf_counter()
         label = name if deterministic else f"{name} ({sampler or 'ddim'} {steps})"
-        out = sampling.generate(model, batch, jax.random.key(seed), sampler=None if deterministic else sampler,
-                                num_steps=steps, num_samples=k, guidance=g, progress=label if progress else "")
-        timings[label] = time.perf_counter() - t0
         steps_used[label] = model.step
-        if deterministic:
-            rows[label] = score_prediction(out[0], test, geom)
+        for split, sample in splits.items():
+            if zero_pair:  # the foundation generates a full-dose sinogram from the prompt; the data steer it
+                prompt = np.asarray(sample["prompt"]).copy()
+                prompt[:, 2] = tasks.task_id(tasks.SYNTHESIS)
+                batch = sampling.model_batch(model, {"prompt": prompt,
+                                                     "geometry_only": np.zeros_like(sample["target"], np.float32)})
+            else:
+                batch = sampling.model_batch(model, sample)
+            if g:
+                batch = sampling.add_poisson_data(model, batch, sample)
+            t0 = time.perf_counter()
+            out = sampling.generate(model, batch, jax.random.key(seed), sampler=None if deterministic else sampler,
+                                    num_steps=steps, num_samples=k, guidance=g,
+                                    progress=f"{label}, {split}" if progress else "")
+            if split == "test":
+                timings[label] = time.perf_counter() - t0
+            if deterministic:
+                sinograms.setdefault(label, {})[split] = out[0]
+                continue
+            sinograms.setdefault(f"{label}, one sample", {})[split] = out[0]
+            if k > 1:
+                sinograms.setdefault(f"{label}, mean of {k}", {})[split] = out.mean(axis=0)
+                if split == "test":
+                    posterior[f"{label}, mean of {k}"] = score_posterior(out, test)
+    images[FULL_DOSE] = {s: {"osem": sampling.clinical_osem(
+        x["target_prompts"], geom, normalisation=x["normalisation"], attenuation=x["attenuation"],
+        scatter=x["target_scatter"], randoms=x["target_randoms"])
+        / np.asarray(x["count_scale"], np.float32).reshape(x["target"].shape[0], -1, 1, 1)} for s, x in splits.items()}
+
+    rows, sigmas = {}, {}
+    for name in [CEILING_NOISY, CEILING_AE, "identity", SOURCE_CLINICAL, *sinograms, FULL_DOSE]:
+        if name in rows:
             continue
-        rows[f"{label}, one sample"] = score_prediction(out[0], test, geom)
-        if k > 1:
-            rows[f"{label}, mean of {k}"] = {**score_prediction(out.mean(axis=0), test, geom),
-                                             **score_posterior(out, test)}
-    rows["full-dose clinical OSEM (reference)"] = score_images(
-        {"osem": sampling.clinical_osem(test["target_prompts"], geom, normalisation=test["normalisation"],
-                                        attenuation=test["attenuation"], scatter=test["target_scatter"],
-                                        randoms=test["target_randoms"])
-         / np.asarray(test["count_scale"], np.float32).reshape(n, -1, 1, 1)}, test)
+        if name in images:
+            sigmas[name] = tune_post_filter(images[name]["val"], splits["val"])
+            rows[name] = score_images(post_filter(images[name]["test"], sigmas[name]), test)
+            continue
+        pred = sinograms[name]
+        sigmas[name] = tune_post_filter(image_space(pred["val"], splits["val"], geom), splits["val"])
+        rows[name] = {**score_prediction(pred["test"], test, geom, sigmas[name]), **posterior.get(name, {})}
+    for name in posterior:
+        one = name.rsplit(", mean of", 1)[0] + ", one sample"
+        rows[name]["calibration_gap"] = calibration_gap(rows[one]["sino_psnr"], rows[name]["sino_psnr"], num_samples)
     reference = "pixel U-Net regressor" if "pixel U-Net regressor" in rows else "identity"
     return {"rows": rows, "reference": reference, "deltas": paired_deltas(rows, reference, jax.random.key(seed)),
             "num_samples": num_samples, "post_filter_sigma_px": sigmas, "generate_s": timings,
@@ -422,7 +481,11 @@ def main(argv):
                          f"{FLAGS.steps}, {FLAGS.n}")
     trained = sampling.load_for_task(FLAGS.task, FLAGS.workdir, FLAGS.checkpoint, best=True)
     out = FLAGS.out or os.path.join(FLAGS.workdir or os.path.dirname(trained.directory), "eval", FLAGS.task)
-    os.makedirs(out, exist_ok=True)  # before minutes of sampling: an unwritable --out fails now
+    # Before minutes of sampling: a --out holding files evaluate did not write is refused untouched, and an
+    # unwritable one fails now.
+    from allpet_jax.atomic_write import claim_output_dir
+
+    claim_output_dir(out, "allpet_jax.evaluate", ("results.md", "results.json"))
     n = FLAGS.n or sampling.pipeline.split_size(trained.config.data, "test")
     t0 = time.perf_counter()
     if not tasks.is_paired(FLAGS.task):

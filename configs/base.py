@@ -182,7 +182,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # task warm-started from the foundation samples D(E(source)) at step 0: 22.4 dB vs the source's 20.5 at the cpu
     # preset), but measured there its model never learnt to read x_t: its 16 samples were identical (90% coverage
     # 0.007, the mean 1.1 dB below the pixel regressor). 'v' keeps x_t in the clean estimate (x0 = a x_t - s v), so
-    # the samples spread; a zero output then samples noise of the residual's size, not the identity.
+    # the samples spread; with the learned skip below its zero output is the identity too.
     diffusion.task_parameterization = "v"
     # The learned skip of the 'v' task (schedules.skip_offset): x0 = c_skip x_t - s v with the Wiener skip of a prior
     # variance that is a trained scalar starting at 0, so a zero output is exactly the identity (the task's step-0
