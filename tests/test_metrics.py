@@ -393,3 +393,18 @@ def test_body_shape_features_of_ellipses_match_closed_forms_and_prompt_matches()
     np.testing.assert_array_equal(metrics.prompt_matches(query, [0, 1, 1], ref, labels), [True, True, False])
     with pytest.raises(ValueError, match="no reference"):
         metrics.prompt_matches(query, [0, 2, 1], ref, labels)
+
+
+def test_validation_crps_of_a_pair_matches_the_ensemble_crps():
+    """The training loop's in-jit CRPS of two samples (`stages.relative_crps_pair`) is `crps_ensemble` with
+    K = 2 (sorted-order pair sum) over the mean absolute target; for identical members the relative
+    absolute error."""
+    from allpet_jax.training import stages
+
+    rng = np.random.default_rng(0)
+    a, b, y = (rng.normal(size=(3, 1, 8, 6)).astype(np.float32) for _ in range(3))
+    expected = metrics.crps_ensemble(np.stack([a, b]), y) / np.abs(y).reshape(3, -1).mean(axis=1)
+    np.testing.assert_allclose(np.asarray(stages.relative_crps_pair(a, b, y)), expected, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(stages.relative_crps_pair(a, a, y)),
+                               np.abs(a - y).reshape(3, -1).mean(axis=1) / np.abs(y).reshape(3, -1).mean(axis=1),
+                               rtol=1e-5)

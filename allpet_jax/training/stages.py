@@ -151,6 +151,16 @@ def warm_start_task(pretrained, fresh, *, z: int, channels: tuple[int, int], fou
     return out
 
 
+def relative_crps_pair(a, b, target):
+    """The fair CRPS of the two-member ensemble `a`, `b` against `target` (`metrics.crps_ensemble` with
+    K = 2, in `jnp` so it runs inside the validation step), per sample over its mean absolute target:
+    `mean(|a - y| + |b - y| - |a - b|) / 2 / mean|y|`, `(B, ...)` -> `(B,)`. For `a == b` it is the
+    relative absolute error."""
+    axes = tuple(range(1, target.ndim))
+    score = 0.5 * jnp.mean(jnp.abs(a - target) + jnp.abs(b - target) - jnp.abs(a - b), axis=axes)
+    return score / jnp.maximum(jnp.mean(jnp.abs(target), axis=axes), 1e-12)
+
+
 def psnr(pred, target):
     """Validation PSNR in dB `(B,)`: `metrics.psnr` with each target's own peak as the data range. (The
     evaluation's default range, `max - min` of the target, is the same for sinograms whose minimum is 0.)"""
@@ -331,13 +341,23 @@ def diffusion_stage(name: str, config, ae_graphdef, ae_params, latent_scale: flo
         params = init(params)
     frozen = objective.frozen_state(ae_params, latent_scale, residual_scale)
 
+    sampled = objective.paired and objective.name != "regression"
+
     def evaluate(p, frozen, batch, key):
         loss_key, sample_key = jax.random.split(key)
-        out = {"val_loss": objective.loss(p, frozen, batch, jax.random.split(loss_key, batch["target"].shape[0]))[0]}
-        if objective.paired:
-            generated, target = objective.generate(p, frozen, batch, sample_key), batch["target"]
-            out["val_psnr"] = jnp.mean(psnr(generated, target))
-            out["val_psnr_source"] = jnp.mean(psnr(latent.match_channels(batch["source"], target_channels), target))
+        target = batch["target"]
+        B = target.shape[0]
+        out = {"val_loss": objective.loss(p, frozen, batch, jax.random.split(loss_key, B))[0]}
+        if not objective.paired:
+            return out
+        if sampled:  # two samples per input, drawn as one batch: a proper score of the whole posterior
+            both = objective.generate(p, frozen, jax.tree.map(lambda x: jnp.concatenate([x, x]), batch), sample_key)
+            generated = both[:B]
+            out["val_crps"] = jnp.mean(relative_crps_pair(generated, both[B:], target))
+        else:
+            generated = objective.generate(p, frozen, batch, sample_key)
+        out["val_psnr"] = jnp.mean(psnr(generated, target))
+        out["val_psnr_source"] = jnp.mean(psnr(latent.match_channels(batch["source"], target_channels), target))
         return out
 
     def preview(p, frozen, batch, key):
@@ -347,7 +367,9 @@ def diffusion_stage(name: str, config, ae_graphdef, ae_params, latent_scale: flo
             rows.insert(0, ("source", batch["source"][:, 0]))
         return rows
 
-    best = ("val_psnr", "max") if objective.paired else ("val_loss", "min")
+    # a sampled task by its CRPS: one sample's PSNR prefers a model that collapsed to its mean (the identity
+    # start of the learned skip is such a model), the CRPS prefers the posterior that is calibrated
+    best = ("val_crps", "min") if sampled else ("val_psnr", "max") if objective.paired else ("val_loss", "min")
     return Stage(name, graphdef, params, frozen, objective.loss, evaluate, preview, best_metric=best,
                  generate=objective.generate, cached_latents=objective.cached_latents if objective.paired else None)
 
