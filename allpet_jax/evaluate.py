@@ -1,8 +1,8 @@
 """Score a trained task on the simulator's held-out test split: against the truth, with ceilings, strong
 baselines, paired confidence intervals and posterior quality; Markdown tables + JSON.
 
-    python -m allpet_jax.evaluate --workdir workdir --task low_dose [--n 256] [--steps 50] [--num_samples 16]
-                                  [--guidance 0.2,0.5]
+    python -m allpet_jax.evaluate --workdir workdir --task low_dose [--num_inputs 256] [--steps 50]
+                                  [--num_samples 16] [--guidance 0.2,0.5]
 
 The test split is simulated with the checkpoint's data config; its keys branch off the seed on a
 different `fold_in` than training and validation, so no test sample is ever a training sample
@@ -70,11 +70,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from scipy import ndimage
 
 import radon
-from allpet_jax import metrics, sampling, tasks
+from allpet_jax import cli, metrics, sampling, tasks
 from allpet_jax.atomic_write import write_text
 from allpet_jax.models import latent
 from allpet_jax.training import checkpointing, objectives, runs, stages
@@ -459,62 +459,76 @@ def per_sample(rows: dict) -> dict:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", "", "training run directory")
-flags.DEFINE_string("checkpoint", "", "a stage directory instead of --workdir (no regressor rows then)")
-flags.DEFINE_string("task", tasks.LOW_DOSE, "the task to score")
-flags.DEFINE_integer("n", 0, "test samples (default: the run's data.n_test; 256 in the cpu preset)")
-flags.DEFINE_string("sampler", "", "ddim, ddpm or ddbm (default: the model's objective's first)")
-flags.DEFINE_integer("steps", 50, "sampler steps")
-flags.DEFINE_integer("num_samples", 16, "samples per input: one sample, the mean of K and the posterior scores")
-flags.DEFINE_integer("seed", 0, "sampling seed")
-flags.DEFINE_string("out", "", "where results.md and results.json go (default WORKDIR/eval/<task>)")
-flags.DEFINE_list("cfg_scale", [], "synthesis: classifier-free guidance scales to add as rows, e.g. 2,4 (1 = off)")
-flags.DEFINE_list("guidance", [], "low_dose: Poisson guidance scales of the task model to add as rows, e.g. 0.2,0.5")
-flags.DEFINE_list("zero_pair_guidance", None, "low_dose: guidance scales of the zero-pair arm (the foundation model "
-                                              "steered by the data, no paired training); default: --guidance")
+TOOL = "allpet_jax.evaluate"  # the program in error lines and the owner named in --out's owner file
+RENAMED = {"n": "num_inputs"}  # old flag: new name; the old one is an alias until the next release
 
-def main(argv):
+
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+    """This CLI's flags, in `flag_values`: called from `__main__` only, so importing the module (beside
+    `sample.py`, whose flags share names) defines none."""
+    into = {"flag_values": flag_values}
+    flags.DEFINE_string("workdir", "", "training run directory", **into)
+    flags.DEFINE_string("checkpoint", "", "a stage directory instead of --workdir (no regressor rows then)", **into)
+    flags.DEFINE_string("task", tasks.LOW_DOSE, "the task to score", **into)
+    flags.DEFINE_integer("num_inputs", 0, "N, the test samples scored (default: the run's data.n_test; 256 in the cpu "
+                                          "preset); each gets --num_samples samples", **into)
+    flags.DEFINE_string("sampler", "", "ddim, ddpm or ddbm (default: the model's objective's first)", **into)
+    flags.DEFINE_integer("steps", 50, "sampler steps", **into)
+    flags.DEFINE_integer("num_samples", 16, "samples per input: one sample, the mean of K and the posterior scores",
+                         **into)
+    flags.DEFINE_integer("seed", 0, "sampling seed", **into)
+    flags.DEFINE_string("out", "", "where results.md and results.json go (default WORKDIR/eval/<task>)", **into)
+    flags.DEFINE_list("cfg_scale", [], "synthesis: classifier-free guidance scales to add as rows, e.g. 2,4 (1 = off)",
+                      **into)
+    flags.DEFINE_list("guidance", [], "low_dose: Poisson guidance scales of the task model to add as rows, e.g. "
+                                      "0.2,0.5", **into)
+    flags.DEFINE_list("zero_pair_guidance", None, "low_dose: guidance scales of the zero-pair arm (the foundation "
+                                                  "model steered by the data, no paired training); default: "
+                                                  "--guidance", **into)
+    cli.define_renamed(RENAMED, flag_values)
+
+
+def main(argv, flag_values: flags.FlagValues = FLAGS):
+    """Score with the flags in `flag_values` (parsed); `cli.run` turns the errors into one line."""
     del argv
     logging.set_verbosity(logging.WARNING)
-    if FLAGS.num_samples < 1 or FLAGS.steps < 1 or FLAGS.n < 0:
-        raise ValueError(f"--num_samples and --steps must be >= 1 and --n >= 0; got {FLAGS.num_samples}, "
-                         f"{FLAGS.steps}, {FLAGS.n}")
-    trained = sampling.load_for_task(FLAGS.task, FLAGS.workdir, FLAGS.checkpoint, best=True)
-    out = FLAGS.out or os.path.join(FLAGS.workdir or os.path.dirname(trained.directory), "eval", FLAGS.task)
+    if flag_values.num_samples < 1 or flag_values.steps < 1 or flag_values.num_inputs < 0:
+        raise ValueError(f"--num_samples and --steps must be >= 1 and --num_inputs >= 0; got "
+                         f"{flag_values.num_samples}, {flag_values.steps}, {flag_values.num_inputs}")
+    trained = sampling.load_for_task(flag_values.task, flag_values.workdir, flag_values.checkpoint, best=True)
+    out = flag_values.out or os.path.join(flag_values.workdir or os.path.dirname(trained.directory), "eval",
+                                          flag_values.task)
     # Before minutes of sampling: a --out holding files evaluate did not write is refused untouched, and an
     # unwritable one fails now.
     from allpet_jax.atomic_write import claim_output_dir
 
-    claim_output_dir(out, "allpet_jax.evaluate", ("results.md", "results.json"))
-    n = FLAGS.n or sampling.pipeline.split_size(trained.config.data, "test")
+    claim_output_dir(out, TOOL, ("results.md", "results.json"))
+    n = flag_values.num_inputs or sampling.pipeline.split_size(trained.config.data, "test")
     t0 = time.perf_counter()
-    if not tasks.is_paired(FLAGS.task):
-        result = evaluate_synthesis(trained, n, FLAGS.sampler or None, FLAGS.steps, FLAGS.seed,
-                                    cfg_scales=[float(c) for c in FLAGS.cfg_scale])
+    if not tasks.is_paired(flag_values.task):
+        result = evaluate_synthesis(trained, n, flag_values.sampler or None, flag_values.steps, flag_values.seed,
+                                    cfg_scales=[float(c) for c in flag_values.cfg_scale])
         summary = summarise(result.pop("rows"))
         tables = markdown(summary, SYNTHESIS_COLUMNS)
         record = {}
     else:
-        result = evaluate_paired(trained, FLAGS.workdir, n, FLAGS.sampler or None, FLAGS.steps, FLAGS.num_samples,
-                                 FLAGS.seed, guidance=[float(g) for g in FLAGS.guidance],
-                                 zero_pair_guidance=None if FLAGS.zero_pair_guidance is None else
-                                 [float(g) for g in FLAGS.zero_pair_guidance])
+        result = evaluate_paired(trained, flag_values.workdir, n, flag_values.sampler or None, flag_values.steps,
+                                 flag_values.num_samples, flag_values.seed,
+                                 guidance=[float(g) for g in flag_values.guidance],
+                                 zero_pair_guidance=None if flag_values.zero_pair_guidance is None else
+                                 [float(g) for g in flag_values.zero_pair_guidance])
         rows = result.pop("rows")
         summary = summarise(rows)
         tables = paired_report(result, summary)
         record = {"per_sample": per_sample(rows)}
-    header = (f"Task `{FLAGS.task}`, {n} test samples, checkpoint {trained.directory} (step {trained.step}); "
+    header = (f"Task `{flag_values.task}`, {n} test samples, checkpoint {trained.directory} (step {trained.step}); "
               f"{time.perf_counter() - t0:.0f} s.\n\n`python -m allpet_jax.evaluate " + " ".join(sys.argv[1:]) + "`")
-    record = {"task": FLAGS.task, "n": n, "checkpoint": trained.directory, "step": trained.step, "summary": summary,
-              **result, **record}
+    record = {"task": flag_values.task, "n": n, "checkpoint": trained.directory, "step": trained.step,
+              "summary": summary, **result, **record}
     write_text(os.path.join(out, "results.json"), json.dumps(record, indent=1))
     write_text(os.path.join(out, "results.md"), header + "\n\n" + tables + "\n")
     print(header + "\n\n" + tables + f"\n\nwrote {out}/results.md and results.json", flush=True)
 
 
 if __name__ == "__main__":
-    try:
-        app.run(main)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.run(main, TOOL, define_flags, renamed=RENAMED, errors=(ValueError, FileNotFoundError))

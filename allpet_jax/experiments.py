@@ -4,6 +4,10 @@ Each run is `train.py` and `python -m allpet_jax.evaluate` in subprocesses (absl
 process, and a fresh process per run keeps compiled programs and memory from piling up), so a notebook
 cell reads like the commands a user would type, and every number in a table can be reproduced from the
 command recorded next to it (`Run.commands`).
+
+As a command, the per-task table (every paired task against the baselines, one seed):
+
+    python -m allpet_jax.experiments --preset cpu --runs notebook_runs/tasks_cpu [--tasks low_dose,delayed_frame]
 """
 
 from __future__ import annotations
@@ -17,12 +21,14 @@ import sys
 import time
 
 import numpy as np
+from absl import app, flags
 
-from allpet_jax.atomic_write import OutputDirectoryError, claim_output_dir, write_text
+from allpet_jax import cli
+from allpet_jax.atomic_write import claim_output_dir, write_text
 from allpet_jax.tasks import LOW_DOSE, PAIRED_TASKS, SYNTHESIS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOOL = "allpet_jax.experiments"  # the owner named in --runs' owner file (atomic_write.OWNER_FILE)
+TOOL = "allpet_jax.experiments"  # the program in error lines and the owner named in --runs' owner file
 
 
 @dataclasses.dataclass
@@ -225,33 +231,37 @@ def run_tasks(runs_dir: str, preset: str, tasks=PAIRED_TASKS, overrides=(), eval
     return out
 
 
-def main(argv=None) -> None:
-    import argparse
-    p = argparse.ArgumentParser(prog="python -m allpet_jax.experiments",
-                                description="Per-task table: python -m allpet_jax.experiments --preset cpu "
-                                            "--runs notebook_runs/tasks_cpu")
-    p.add_argument("--preset", default="cpu")
-    p.add_argument("--runs", required=True, help="directory for the runs and results.md: new, empty, or one this "
-                                                 "command wrote (rerun to resume it)")
-    p.add_argument("--tasks", default=",".join(PAIRED_TASKS), help="comma-separated; the first trains every stage")
-    p.add_argument("--overrides", default="", help="extra train.py flags for every run, space-separated")
-    args = p.parse_args(argv)
-    tasks = tuple(t for t in args.tasks.split(",") if t)
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """This CLI's flags, in `flag_values`: called from `__main__` only, so importing the module (as the
+    notebooks do) defines none."""
+    into = {"flag_values": flag_values}
+    flags.DEFINE_string("preset", "cpu", "configs/base.py preset of every run", **into)
+    flags.DEFINE_string("runs", None, "directory for the runs and results.md: new, empty, or one this command wrote "
+                                      "(rerun to resume it)", **into)
+    flags.DEFINE_list("tasks", list(PAIRED_TASKS), "comma-separated; the first trains every stage", **into)
+    flags.DEFINE_string("overrides", "", "extra train.py flags for every run, space-separated", **into)
+    flags.mark_flag_as_required("runs", flag_values)
+
+
+def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """The per-task table the flags in `flag_values` (parsed) ask for, written to `--runs`/results.md."""
+    del argv
+    tasks = tuple(t for t in flag_values.tasks if t)
     unknown = [t for t in tasks if t not in PAIRED_TASKS]
     if unknown or not tasks:
-        p.error(f"--tasks must be a non-empty subset of {PAIRED_TASKS}; got {args.tasks!r}")
-    try:  # before hours of training: a directory holding anyone else's files is refused, untouched
-        runs_dir = claim_output_dir(args.runs, TOOL, [*tasks, SYNTHESIS, "results.md"])
-    except OutputDirectoryError as e:
-        p.exit(2, f"{p.prog}: error: {e}\n")
-    runs_by_task = run_tasks(runs_dir, args.preset, tasks, args.overrides.split())
+        raise app.UsageError(f"--tasks must be a non-empty subset of {','.join(PAIRED_TASKS)}; got "
+                             f"{','.join(tasks)!r}")
+    # Before hours of training: a directory holding anyone else's files is refused (OutputDirectoryError), untouched.
+    runs_dir = claim_output_dir(flag_values.runs, TOOL, [*tasks, SYNTHESIS, "results.md"])
+    overrides = flag_values.overrides.split()
+    runs_by_task = run_tasks(runs_dir, flag_values.preset, tasks, overrides)
     table = task_table(runs_by_task)
     print(table)
     with open(os.path.join(runs_dir, SYNTHESIS, "results.md")) as f:
         table += "\n\nSynthesis (the foundation model, prompts of the test split):\n\n" + f.read()
     write_results(os.path.join(runs_dir, "results.md"), "Tasks", table, {t: [r] for t, r in runs_by_task.items()},
-                  args.preset, args.overrides.split())
+                  flag_values.preset, overrides)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, TOOL, define_flags)

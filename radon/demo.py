@@ -9,14 +9,17 @@ FBP reconstructs the attenuation-corrected counts; OSEM uses the full model.
 
 from __future__ import annotations
 
-import argparse
 import os
+import sys
 import time
 
 import jax
 import numpy as np
+from absl import app, flags
 
 import radon
+
+TOOL = "radon.demo"  # the program in error lines
 
 # (density, a, b, x0, y0, phi in degrees) in units of the half field of view: the modified Shepp-Logan.
 SHEPP_LOGAN = (
@@ -47,29 +50,35 @@ def shepp_logan(geom: radon.Geometry, supersample: int = 4) -> np.ndarray:
     return np.maximum(image.mean(axis=(2, 3)), 0.0).astype(np.float32)  # 1 - 0.8 - 0.2 rounds below 0
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="out/radon_demo.png")
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--angles", type=int, default=180)
-    parser.add_argument("--counts", type=float, default=3e5, help="total expected counts in the sinogram")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """The demo's flags, in `flag_values`: called from `__main__` only, so importing the module defines none."""
+    into = {"flag_values": flag_values}
+    flags.DEFINE_string("out", "out/radon_demo.png", "PNG path", **into)
+    flags.DEFINE_integer("size", 128, "image side in pixels (and detector bins); the field of view is 256 mm",
+                         lower_bound=1, **into)
+    flags.DEFINE_integer("angles", 180, "projection angles over [0, pi)", lower_bound=1, **into)
+    flags.DEFINE_float("counts", 3e5, "total expected counts in the sinogram", lower_bound=0.0, **into)
+    flags.DEFINE_integer("seed", 0, "Poisson noise seed", **into)
 
+
+def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Simulate, reconstruct and draw with the flags in `flag_values` (parsed); writes `--out`."""
+    if len(argv) > 1:
+        _fail(f"unexpected argument(s) {' '.join(argv[1:])}: every input is a --flag (see --help)")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    out, size = flag_values.out, flag_values.size
     start = time.perf_counter()
-    geom = radon.Geometry.square(args.size, n_angles=args.angles, pixel_size=256.0 / args.size,
-                                 bin_spacing=256.0 / args.size)
+    geom = radon.Geometry.square(size, n_angles=flag_values.angles, pixel_size=256.0 / size, bin_spacing=256.0 / size)
     activity = shepp_logan(geom)
     mu = 0.0096 * (activity > 0)  # water at 511 keV, 1/mm
     attenuation = radon.attenuation_factors(mu, geom)
     trues = radon.expected_counts(activity, geom, attenuation=attenuation)
-    ybar = trues * (args.counts / float(trues.sum()))
-    counts = radon.poisson_counts(jax.random.key(args.seed), ybar)
+    ybar = trues * (flag_values.counts / float(trues.sum()))
+    counts = radon.poisson_counts(jax.random.key(flag_values.seed), ybar)
     fbp = radon.fbp(counts / attenuation, geom, filter="hann")
     osem = radon.osem(counts, geom, n_iter=4, n_subsets=12, attenuation=attenuation)
     osem = osem * float(activity.sum() / osem.sum())
@@ -90,12 +99,29 @@ def main():
         ax.set_title(title)
         ax.axis("off")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp.png"
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = out + ".tmp.png"
     fig.savefig(tmp, dpi=80)
-    os.replace(tmp, args.out)  # never leave a half-written figure under the final name
-    print(f"wrote {args.out} in {time.perf_counter() - start:.1f} s")
+    os.replace(tmp, out)  # never leave a half-written figure under the final name
+    print(f"wrote {out} in {time.perf_counter() - start:.1f} s")
+
+
+# The project's command-line convention (`allpet_jax.cli`, which radon, the bottom layer, does not import): a
+# bad flag is one line, `radon.demo: error: ...`, with exit status 2; --help exits 0.
+def _fail(message: str) -> None:
+    print(f"{TOOL}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _parse_flags(argv: list) -> list:
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        _fail(f"{e} (see --help)")
+    except SystemExit as e:  # absl's --help prints the usage, then exits 1: a request met, not an error
+        sys.exit(0 if e.code == 1 else e.code)
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main, flags_parser=_parse_flags)

@@ -4,8 +4,9 @@ refuses anything else in one line before its work, and `sample.py --overwrite` s
 so that the old or the new one exists at every moment, crash included. Sampling shows a progress bar over
 samples and chunks.
 
-The CLIs that define absl flags (`sample.py`, `evaluate`) run in subprocesses: their flags share names, so
-they cannot be imported into one process."""
+`sample.py` and `evaluate` run in subprocesses, with their flags in absl's global FLAGS; `data.make` and
+`experiments` run here, with flags of their own (`cli.parse`). Their one-line errors and exit status:
+`test_cli.py`."""
 
 import json
 import os
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from allpet_jax import atomic_write, experiments, sampling
+from allpet_jax import atomic_write, cli, experiments, sampling
 from allpet_jax.atomic_write import OWNER_FILE, OutputDirectoryError
 from allpet_jax.data import make, sources
 
@@ -227,6 +228,7 @@ def generate(*args, **kwargs):
     raise SystemExit(0)
 
 sampling.generate = generate
+sample.define_flags()
 flags.FLAGS(["sample.py", "--checkpoint", sys.argv[1], "--out", sys.argv[2]])
 sample.main([])
 """
@@ -252,7 +254,8 @@ def sampling_started(*args, **kwargs):
     raise RuntimeError("sampling started")
 
 evaluate.evaluate_paired = evaluate.evaluate_synthesis = sampling_started
-flags.FLAGS(["evaluate", "--checkpoint", "/nowhere/task", "--n", "4"])
+evaluate.define_flags()
+flags.FLAGS(["evaluate", "--checkpoint", "/nowhere/task", "--num_inputs", "4"])
 for out in sys.argv[1:]:
     flags.FLAGS.out = out
     try:
@@ -300,43 +303,47 @@ class _TinySource:
 
 def test_data_make_refuses_a_users_out_before_simulating_and_resumes_its_own(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "SimulatedSource", _TinySource)
-    args = ["--task", "low_dose", "--n", "5", "--shard_size", "2", "--size", "8", "--no_progress"]
+    args = ["--task", "low_dose", "--split_size", "5", "--shard_size", "2", "--size", "8", "--no_progress"]
+
+    def make_main(argv):
+        return make.main([], cli.parse(make.define_flags, argv))
+
     out = tmp_path / "shards"
-    manifest = make.main(args + ["--out", str(out)])
+    manifest = make_main(args + ["--out", str(out)])
     assert manifest["complete"] and len(manifest["shards"]) == 3
-    assert make.main(args + ["--out", str(out)])["shards"] == manifest["shards"]  # its own: finished again, kept
+    assert make_main(args + ["--out", str(out)])["shards"] == manifest["shards"]  # its own: finished again, kept
 
     def simulation_started(*a, **k):
         raise AssertionError("simulation started")
 
     monkeypatch.setattr(sources, "write_shards", simulation_started)
     users = _users_dir(tmp_path / "users")
-    with pytest.raises(SystemExit) as e:
-        make.main(args + ["--out", str(users)])
-    assert str(e.value).startswith("allpet_jax.data.make: error: ") and "notes.txt" in str(e.value)
-    assert "\n" not in str(e.value) and os.listdir(users) == ["notes.txt"]
+    with pytest.raises(OutputDirectoryError) as e:  # one line on the command line: test_cli.py
+        make_main(args + ["--out", str(users)])
+    assert "notes.txt" in str(e.value) and "\n" not in str(e.value) and os.listdir(users) == ["notes.txt"]
 
 
 # --- experiments -------------------------------------------------------------------------------------------
 
 
-def test_experiments_refuses_a_users_runs_dir_before_training_and_resumes_its_own(tmp_path, monkeypatch, capsys):
+def test_experiments_refuses_a_users_runs_dir_before_training_and_resumes_its_own(tmp_path, monkeypatch):
     def training_started(*a, **k):
         raise RuntimeError("training started")
 
+    def experiments_main(argv):
+        return experiments.main([], cli.parse(experiments.define_flags, argv))
+
     monkeypatch.setattr(experiments, "run_tasks", training_started)
     users = _users_dir(tmp_path / "users")
-    with pytest.raises(SystemExit) as e:
-        experiments.main(["--runs", str(users), "--tasks", "low_dose"])
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("python -m allpet_jax.experiments: error: ") and "notes.txt" in err[0]
+    with pytest.raises(OutputDirectoryError) as e:  # one line on the command line: test_cli.py
+        experiments_main(["--runs", str(users), "--tasks", "low_dose"])
+    assert "notes.txt" in str(e.value) and "\n" not in str(e.value)
     assert os.listdir(users) == ["notes.txt"]
 
     runs = tmp_path / "runs"
     for _ in range(2):  # a new directory, then the same one again (a rerun resumes it)
         with pytest.raises(RuntimeError, match="training started"):
-            experiments.main(["--runs", str(runs), "--tasks", "low_dose"])
+            experiments_main(["--runs", str(runs), "--tasks", "low_dose"])
         (runs / "low_dose").mkdir(exist_ok=True)
     assert json.loads((runs / OWNER_FILE).read_text())["entries"] == ["low_dose", "results.md", "synthesis"]
 

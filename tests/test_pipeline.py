@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from allpet_jax import cli
 from allpet_jax.data import make, pipeline, sources
 from radon import Geometry, forward
 
@@ -281,10 +282,9 @@ def test_real_simulator_through_make_shards_and_pipeline(tmp_path):
     from allpet_jax.data.simulate import TASKS
 
     out = tmp_path / "low_dose"
-    manifest = make.main(
-        ["--task", "low_dose", "--n", "6", "--out", str(out), "--seed", "4", "--size", "16", "--n_angles", "12",
-         "--pixel_size", "4", "--shard_size", "4", "--split", "val", "--no_progress"]
-    )
+    argv = ["--task", "low_dose", "--split_size", "6", "--out", str(out), "--seed", "4", "--size", "16",
+            "--n_angles", "12", "--pixel_size", "4", "--shard_size", "4", "--split", "val", "--no_progress"]
+    manifest = make.main([], cli.parse(make.define_flags, argv))
     assert (manifest["count"], len(manifest["shards"]), manifest["split"], manifest["seed"]) == (6, 2, "val", 4)
     shards = sources.ShardSource(out)
     assert shards.geom == GEOM

@@ -11,9 +11,13 @@ activity `image`, the attenuation map and the label map. Writes a PNG with matpl
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
+from absl import flags
+
+from allpet_jax import cli
+from allpet_jax.tasks import TASKS
+
+TOOL = "allpet_jax.data.preview"  # the program in error lines
 
 
 def preview_figure(sample: dict, geom, task: str):
@@ -59,35 +63,36 @@ def preview_figure(sample: dict, geom, task: str):
     return fig
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", required=True, help="one of allpet_jax.tasks.TASKS")
-    p.add_argument("--out", required=True, help="output PNG path")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=128, help="image side and number of bins")
-    p.add_argument("--angles", type=int, default=None, help="number of angles (default: --size)")
-    p.add_argument("--region", default=None)
-    p.add_argument("--tracer", default=None)
-    args = p.parse_args(argv)
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """This CLI's flags, in `flag_values`: called from `__main__` only, so importing the module defines none."""
+    into = {"flag_values": flag_values}
+    flags.DEFINE_enum("task", None, TASKS, "the task whose pair to draw", **into)
+    flags.DEFINE_string("out", None, "output PNG path", **into)
+    flags.DEFINE_integer("seed", 0, "simulation seed", **into)
+    flags.DEFINE_integer("size", 128, "image side and number of bins", lower_bound=1, **into)
+    flags.DEFINE_integer("angles", None, "number of angles (default: --size)", lower_bound=1, **into)
+    flags.DEFINE_string("region", None, "phantom region (default: the simulator's draw)", **into)
+    flags.DEFINE_string("tracer", None, "tracer (default: the simulator's draw)", **into)
+    for name in ("task", "out"):
+        flags.mark_flag_as_required(name, flag_values)
 
+
+def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Simulate the pair the flags in `flag_values` (parsed) describe and write its figure to `--out`."""
+    del argv
     import jax
 
     import radon
     from allpet_jax.data.simulate import simulate_pair
-    from allpet_jax.tasks import TASKS
 
-    if args.task not in TASKS:
-        p.error(f"--task must be one of {TASKS}; got {args.task!r}")
-    geom = radon.Geometry.square(args.size, args.angles)
-    options = {k: v for k, v in (("region", args.region), ("tracer", args.tracer)) if v is not None}
-    try:
-        sample = jax.jit(lambda key: simulate_pair(key, args.task, geom, **options))(jax.random.key(args.seed))
-    except ValueError as e:
-        p.error(str(e))
-    fig = preview_figure(sample, geom, args.task)
-    fig.savefig(args.out, dpi=80)
-    print(f"wrote {args.out}")
+    task = flag_values.task
+    geom = radon.Geometry.square(flag_values.size, flag_values.angles)
+    options = {k: v for k, v in (("region", flag_values.region), ("tracer", flag_values.tracer)) if v is not None}
+    sample = jax.jit(lambda key: simulate_pair(key, task, geom, **options))(jax.random.key(flag_values.seed))
+    fig = preview_figure(sample, geom, task)
+    fig.savefig(flag_values.out, dpi=80)
+    print(f"wrote {flag_values.out}")
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, TOOL, define_flags)

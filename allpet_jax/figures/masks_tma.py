@@ -15,14 +15,15 @@ phantom.
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 import radon
-from allpet_jax import attention, masks, rois
+from allpet_jax import attention, cli, masks, rois
+
+TOOL = "allpet_jax.figures.masks_tma"  # the program in error lines
 
 
 def ellipse_phantom(geom: radon.Geometry):
@@ -149,24 +150,31 @@ def figure(geom: radon.Geometry, image, labels, label_table, sino=None, seed: in
     return fig
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m allpet_jax.figures.masks_tma", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="masks_tma.png", help="PNG path")
-    p.add_argument("--size", type=int, default=128, help="image size, angles and bins")
-    p.add_argument("--pixel_mm", type=float, default=2.0, help="pixel and bin size in mm (ellipse phantom)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    geom = radon.Geometry.square(args.size, args.size, pixel_size=args.pixel_mm, bin_spacing=args.pixel_mm)
-    simulated = simulated_phantom(geom, args.seed)
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """This CLI's flags, in `flag_values`: called from `__main__` only, so importing the module (as the tour
+    notebook does) defines none."""
+    into = {"flag_values": flag_values}
+    flags.DEFINE_string("out", "masks_tma.png", "PNG path", **into)
+    flags.DEFINE_integer("size", 128, "image size, angles and bins", lower_bound=1, **into)
+    flags.DEFINE_float("pixel_mm", 2.0, "pixel and bin size in mm (ellipse phantom)", **into)
+    flags.DEFINE_integer("seed", 0, "phantom and mask seed", **into)
+
+
+def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Draw the figure the flags in `flag_values` (parsed) describe and write it to `--out`."""
+    del argv
+    seed, pixel_mm = flag_values.seed, flag_values.pixel_mm
+    geom = radon.Geometry.square(flag_values.size, flag_values.size, pixel_size=pixel_mm, bin_spacing=pixel_mm)
+    simulated = simulated_phantom(geom, seed)
     if simulated is None:
         image, labels, table = ellipse_phantom(geom)
-        fig = figure(geom, image, labels, table, seed=args.seed)
+        fig = figure(geom, image, labels, table, seed=seed)
     else:
         image, labels, table, sino = simulated
-        fig = figure(geom, image, labels, table, sino=sino, seed=args.seed)
-    fig.savefig(args.out, dpi=110)
-    print(f"wrote {args.out}")
+        fig = figure(geom, image, labels, table, sino=sino, seed=seed)
+    fig.savefig(flag_values.out, dpi=110)
+    print(f"wrote {flag_values.out}")
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, TOOL, define_flags)
