@@ -13,19 +13,22 @@ pixel-space `pixel_regressor` needs no earlier stage. With no data path the simu
 
 from __future__ import annotations
 
+import ast
 import functools
 import json
 import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from allpet_jax import tasks
+from allpet_jax.atomic_write import write_text
+from allpet_jax.cli import fail
 from allpet_jax.data import pipeline
 from allpet_jax.models import count_parameters, latent
 from allpet_jax.training import checkpointing, memory, pixel_regressor, runs, stages
@@ -36,6 +39,7 @@ from allpet_jax.training.preview import save_grid
 from allpet_jax.training.transforms import TmaTransform
 
 FLAGS = flags.FLAGS
+PROG = "train"  # the name in its error lines, `train: error: ...`
 config_flags.DEFINE_config_file("config", "configs/base.py", "ml_collections config file[:preset]")
 flags.DEFINE_string("workdir", "workdir", "where checkpoints, metrics and figures go")
 
@@ -45,8 +49,19 @@ _STEP_FIELDS = ("source", "target", "prompt", "index", "sino_mask", "positive", 
 
 
 def maybe_initialize_distributed() -> None:
-    """Multi-host runs: `jax.distributed.initialize()` picks up the cluster from the usual environment."""
-    if any(v in os.environ for v in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")):
+    """Multi-host runs (docs/cluster.md): start `jax.distributed` when a launcher started several processes.
+
+    `srun` and `mpirun` describe the job in variables `jax.distributed.initialize()` reads itself. Anywhere
+    else set JAX_COORDINATOR_ADDRESS=host:port on every process, plus JAX_NUM_PROCESSES and JAX_PROCESS_ID
+    where no cluster supplies them (JAX reads no variable for those two). A one-task SLURM job stays
+    single-process: JAX would otherwise show it only the GPU numbered SLURM_LOCALID."""
+    env = os.environ
+    if "JAX_COORDINATOR_ADDRESS" in env:
+        count, index = env.get("JAX_NUM_PROCESSES"), env.get("JAX_PROCESS_ID")
+        jax.distributed.initialize(num_processes=int(count) if count else None,
+                                   process_id=int(index) if index else None)
+    elif (int(env.get("SLURM_NTASKS", 1)) > 1 and "SLURM_STEP_NODELIST" in env  # srun's tasks, not the batch shell
+          or int(env.get("OMPI_COMM_WORLD_SIZE", 1)) > 1):
         jax.distributed.initialize()
 
 
@@ -62,7 +77,9 @@ def build_stage(cfg, stage: str, workdir: str, example_batch, train_ds):
     latent scale and the residual scale."""
     if stage == pixel_regressor.NAME:  # sinogram space: no autoencoder, no data-dependent scales
         return pixel_regressor.pixel_regressor_stage(cfg, *channels_of(example_batch), cfg.seed)
-    first = [step_batch(b) for _, b in zip(range(_INIT_BATCHES), iter(train_ds))]
+    # whole global batches on every process, so that every process starts from the same state
+    first = [multihost_utils.process_allgather(step_batch(b), tiled=True)
+             for _, b in zip(range(_INIT_BATCHES), iter(train_ds))]
     if stage == "autoencoder":
         init = {k: np.concatenate([b[k] for b in first])
                 for k in ("target", "source", "positive", "negative") if k in first[0]}
@@ -118,9 +135,7 @@ def run_stage(config, stage: str, workdir: str) -> dict:
 
     # --- mesh ------------------------------------------------------------------------------------------
     mesh = train_step.make_mesh(cfg.train.n_devices or None)
-    n_dev = mesh.devices.size
-    if cfg.data.batch_size % n_dev:
-        raise ValueError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {n_dev} devices")
+    n_dev = mesh.devices.size  # data.batch_size divides over them (runs.check_config)
 
     # --- data ------------------------------------------------------------------------------------------
     extra = (TmaTransform(cfg),) if cfg.tma.enabled else ()
@@ -158,7 +173,8 @@ def run_stage(config, stage: str, workdir: str) -> dict:
         state, _ = checkpointing.restore(manager, manager.latest_step(), checkpointing.abstract(state), train_iter)
         start = int(state.step)
         print(f"[{stage}] resumed from step {start}", flush=True)
-    state = jax.device_put(state, train_step.replicated(mesh))
+    # from host values: every process holds the same state, and a process cannot place arrays on another's devices
+    state = jax.device_put(jax.device_get(state), train_step.replicated(mesh))
 
     # --- the step, with the micro-batch chosen from the memory budget ------------------------------------
     per_device = cfg.data.batch_size // n_dev
@@ -179,7 +195,7 @@ def run_stage(config, stage: str, workdir: str) -> dict:
     evaluate = jax.jit(stage_obj.evaluate)
 
     # --- loop ------------------------------------------------------------------------------------------
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir, start)  # a resumed run drops the killed run's lines past its checkpoint
     from tqdm import tqdm
 
     progress = tqdm(total=total_steps, initial=start, desc=stage, unit="step", dynamic_ncols=True,
@@ -191,7 +207,7 @@ def run_stage(config, stage: str, workdir: str) -> dict:
     worst = float("-inf") if best_mode == "max" else float("inf")
     t0, seen = time.perf_counter(), 0
     for step in range(start, total_steps):
-        batch = jax.device_put(cache(step_batch(next(train_iter))), train_step.batch_sharding(mesh))
+        batch = train_step.global_batch(mesh, cache(step_batch(next(train_iter))))  # this process's rows
         state, metrics = step_fn(state, batch)
         seen += cfg.data.batch_size
         done = step + 1
@@ -219,7 +235,9 @@ def run_stage(config, stage: str, workdir: str) -> dict:
 
     # --- a grid of samples for people ----------------------------------------------------------------------
     rows = stage_obj.preview(state.ema, state.frozen, jax.tree.map(jnp.asarray, example), jax.random.key(cfg.seed))
-    path = save_grid(rows, os.path.join(workdir, f"samples_{stage}.png"), title=f"{stage}, step {int(state.step)}")
+    path = os.path.join(workdir, f"samples_{stage}.png")
+    if jax.process_index() == 0:
+        save_grid(rows, path, title=f"{stage}, step {int(state.step)}")  # atomically (plots.save_figure)
     final = validate(evaluate, state, val_batches, cfg.seed)
     final["wall_s"] = time.perf_counter() - stage_start
     print(f"[{stage}] done at step {int(state.step)}: " + ", ".join(f"{k} {v:.2f}" for k, v in final.items())
@@ -245,21 +263,33 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax and Grain narrate every save at INFO
     maybe_initialize_distributed()
     config = FLAGS.config
-    unknown = [s for s in config.train.stages.split(",") if s not in stages.STAGES]
-    if unknown:
-        raise app.UsageError(f"config.train.stages has unknown stage(s) {unknown}; choose from {stages.STAGES}")
+    runs.check_config(config, jax.device_count(), jax.process_count())  # before any work
     os.makedirs(FLAGS.workdir, exist_ok=True)
     results = {}
     for stage in config.train.stages.split(","):
         results[stage] = run_stage(config, stage, os.path.join(FLAGS.workdir, stage))
-    with open(os.path.join(FLAGS.workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    if jax.process_index() == 0:
+        write_text(os.path.join(FLAGS.workdir, "results.json"), json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
+
+
+def parse_flags(argv):
+    """absl's flag parsing, with a bad flag or config override refused in one line (`cli.fail`)."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:  # an unknown flag, a value of the wrong type, a config file that does not load
+        lines = str(e).strip().splitlines()  # a config file's error carries its traceback: keep the last line
+        fail(PROG, f"{lines[0]} {lines[-1]}" if "Traceback" in str(e) else str(e))
+    except AttributeError as e:  # ml_collections: an override of a field the config does not have
+        try:
+            text = ast.literal_eval(str(e))  # ml_collections quotes its KeyError's message
+        except (ValueError, SyntaxError):
+            text = str(e)
+        fail(PROG, "unknown config field " + ". ".join(line.strip() for line in str(text).splitlines() if line.strip()))
 
 
 if __name__ == "__main__":
     try:
-        app.run(main)
-    except (checkpointing.CheckpointMismatchError, FileNotFoundError) as e:
-        print(f"train: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        app.run(main, flags_parser=parse_flags)
+    except (runs.ConfigError, checkpointing.CheckpointMismatchError, FileNotFoundError) as e:
+        fail(PROG, str(e))

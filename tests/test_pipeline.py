@@ -123,15 +123,21 @@ def test_pipeline_is_deterministic_and_each_epoch_is_a_permutation():
     assert x["target"].dtype == np.float32 and x["target"].shape == (8, 1, 12, 16)
 
 
-def test_processes_read_disjoint_equal_blocks():
-    src = simulated(n=37)
-    seen = []
-    for p in range(3):
-        start, stop = pipeline.process_slice(len(src), p, 3)
-        assert stop - start == 12
-        ds = build(src, process_index=p, process_count=3, batch_size=4, num_epochs=1, shuffle=False)
-        seen.append(np.concatenate([x["index"] for x in ds]))
-    np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(36))
+def test_processes_read_their_rows_of_the_same_global_batches():
+    # P processes together read exactly the batches one process reads, each its own contiguous rows.
+    src = simulated(n=36)
+    one = [x["index"] for x in batches(build(src, batch_size=6), 8)]  # 8 batches: past the first epoch
+    rows = [[x["index"] for x in batches(build(src, batch_size=6, process_index=p, process_count=3), 8)]
+            for p in range(3)]
+    for step, expected in enumerate(one):
+        np.testing.assert_array_equal(np.concatenate([rows[p][step] for p in range(3)]), expected)
+    assert pipeline.process_rows(6, 1, 3) == slice(2, 4)
+    with pytest.raises(ValueError, match="divisible by the 4 processes"):
+        pipeline.process_rows(6, 0, 4)
+    # Evaluation splits are read whole by every process.
+    val = [x["index"] for x in build(src, batch_size=6, shuffle=False, num_epochs=1, drop_remainder=False,
+                                     process_index=2, process_count=3)]
+    np.testing.assert_array_equal(np.concatenate(val), np.arange(36))
 
 
 def test_iterator_state_round_trip():

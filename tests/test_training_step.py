@@ -24,16 +24,24 @@ def test_four_devices_and_micro_batches_match_one_device():
     result = json.loads(out.stdout)
     toy = result["toy"]
     assert toy["ref_losses"][0] > 1.0  # the problem is not trivially solved
+    # Losses relative to the smallest loss of the run, so every step's loss matches to 1e-6 relative.
     for case in ("4x1", "1x4", "4x2"):  # devices x micro-batches, same global batch of 16
-        assert toy[case]["loss_diff"] < 1e-5, (case, toy[case])
-        assert toy[case]["param_diff"] < 1e-5, (case, toy[case])
+        assert toy[case]["loss_diff"] < 1e-6 * min(toy["ref_losses"]), (case, toy[case])  # measured 1.9e-6 / 7.9
+        assert toy[case]["param_diff"] < 1e-6, (case, toy[case])  # measured 1.2e-7
     # The real smoke-preset stages (U-Net, frozen autoencoder, RMAS triplets, prompt dropping, TMA
-    # weights), 3 steps of batch 8 on 4 devices x 2 micro-batches (measured: ~1e-7 loss, ~1e-6 params).
-    for name in ("foundation", "task"):
+    # weights), 3 steps of batch 8 on 4 devices x 2 micro-batches. Measured: losses 1.8e-7 (foundation)
+    # and 1.2e-7 (task) relative; parameters 3e-8 (task) and 1.9e-6 (foundation) absolute. The
+    # foundation's 1.9e-6 is not reachable at 1e-6: it sits in biases of about that size, the conv2 and skip
+    # biases of the U-Net's last residual block, whose output enters `norm_out`, a GroupNorm of one channel
+    # per group at these widths, which cancels a per-channel shift. Their gradient is 0 up to float32
+    # rounding (~1e-11), and that rounding changes with the reduction order (4 devices x 2 micro-batches vs
+    # 1). Adam divides by sqrt(v) + eps, which scales such a gradient by lr / eps = 1e5: the parameter is
+    # amplified rounding and differs by its own size. Parameters of a trained size (|p| ~ 0.1) agree to 6e-7.
+    for name, param_tol in (("foundation", 5e-6), ("task", 1e-6)):
         res = result[name]
         assert len(set(np.round(res["ref_losses"], 6))) == 3  # it trains: the loss changes every step
-        assert res["4x2"]["loss_diff"] < 1e-5 * max(res["ref_losses"]), (name, res["4x2"])
-        assert res["4x2"]["param_diff"] < 1e-5, (name, res["4x2"])
+        assert res["4x2"]["loss_diff"] < 1e-6 * min(res["ref_losses"]), (name, res["4x2"])
+        assert res["4x2"]["param_diff"] < param_tol, (name, res["4x2"])
 
 
 def _toy(nan_at=None):

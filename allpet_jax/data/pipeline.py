@@ -33,9 +33,10 @@ sinograms lie mostly in [0, 1] and the relative count levels between samples (wh
 noise level) are kept. Constants rather than per-sample scales because a generated target has no
 measured counts to take a per-sample scale from. `image`, `mu` and `labels` are left in physical units.
 
-Multi-process: each JAX process reads the contiguous index block `[p * m, (p + 1) * m)` with
-`m = n // process_count` (the last `n % process_count` samples are dropped so every process takes the
-same number of steps); contiguous blocks keep each shard file local to one process.
+Multi-process: `batch_size` is the global batch. Every process draws the same shuffled index batches
+and reads only its rows of each (`process_rows`: process `p` of `P` takes rows `[p * b, (p + 1) * b)`
+with `b = batch_size // P`), so the global batch, and hence training, is the same whatever the process
+count. Evaluation splits (no `drop_remainder`) are read whole by every process.
 """
 
 from __future__ import annotations
@@ -120,16 +121,28 @@ class ReadBatch:
         return self.source.read_batch(indices)
 
 
-def process_slice(n: int, process_index: int | None = None, process_count: int | None = None) -> tuple[int, int]:
-    """`[start, stop)` of the samples this JAX process reads (equal blocks; the remainder is dropped)."""
+def process_rows(batch_size: int, process_index: int | None = None, process_count: int | None = None) -> slice:
+    """The rows of each global batch of `batch_size` that this JAX process reads."""
     import jax
 
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index must be in [0, {process_count}); got {process_index}")
-    per_process = n // process_count
-    return process_index * per_process, (process_index + 1) * per_process
+    if batch_size % process_count:
+        raise ValueError(f"the global batch_size={batch_size} must be divisible by the {process_count} processes")
+    rows = batch_size // process_count
+    return slice(process_index * rows, (process_index + 1) * rows)
+
+
+class TakeRows:
+    """Grain map transform: a global batch of sample indices -> this process's rows of it."""
+
+    def __init__(self, rows: slice):
+        self.rows = rows
+
+    def __call__(self, indices):
+        return indices[self.rows]
 
 
 def make_pipeline(
@@ -151,7 +164,7 @@ def make_pipeline(
 
     Args:
       source: a source with `__len__` and `read_batch` (`sources.SimulatedSource`, `ShardSource`, ...).
-      batch_size: samples per batch on this process.
+      batch_size: samples per global batch (this process reads `batch_size // process_count` of them).
       normalisation: `Normalisation` applied to every batch (estimate it from the training split).
       seed: shuffle seed in [0, 2**32).
       shuffle: False for evaluation (batches in index order).
@@ -164,17 +177,18 @@ def make_pipeline(
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive; got {batch_size}")
-    start, stop = process_slice(len(source), process_index, process_count)
-    if drop_remainder and stop - start < batch_size:
+    if drop_remainder and len(source) < batch_size:
         raise ValueError(
-            f"this process has {stop - start} samples ({len(source)} in all, split over processes), fewer than "
-            f"batch_size={batch_size}, so there would be no batches; lower the batch size or add samples"
+            f"the source has {len(source)} samples, fewer than batch_size={batch_size}, so there would be no "
+            "batches; lower the batch size or add samples"
         )
-    ds = grain.MapDataset.range(start, stop)
+    ds = grain.MapDataset.range(len(source))
     if shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(num_epochs)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    if drop_remainder:  # training: this process's rows of each global batch (evaluation reads everything)
+        ds = ds.map(TakeRows(process_rows(batch_size, process_index, process_count)))
     ds = ds.map(ReadBatch(source))
     ds = ds.map(normalisation)
     for transform in extra_transforms:

@@ -10,16 +10,126 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 
 import ml_collections
 
-from allpet_jax import tasks
+from allpet_jax import masks, tasks
 from allpet_jax.data import pipeline
-from allpet_jax.training import checkpointing, pixel_regressor, stages
+from allpet_jax.diffusion import schedules
+from allpet_jax.training import checkpointing, metrics, objectives, pixel_regressor, stages
 from allpet_jax.training import step as train_step
 
 _TMA_STAGES = ("task", "regressor", "pixel_regressor")  # the stages that train on pairs with TMA when tma.enabled
+
+
+class ConfigError(ValueError):
+    """A config value a run cannot train with: the message names the field, what it must be and the value."""
+
+
+def check_config(config, device_count: int, process_count: int = 1) -> None:
+    """Refuse a config that cannot train, before any work: raise `ConfigError` naming the first bad field.
+
+    Checks what `train.py` reads itself (stages, step counts and intervals, batch and devices, the
+    optimiser's numbers) and asks the builders that validate their own part (geometry, masks, the
+    autoencoder's and the U-Nets' shapes, the diffusion schedule and objective) for theirs, on every
+    stage of `train.stages` as that stage will see the config (`stage_config`)."""
+    t, d = config.train, config.data
+    names = str(t.stages).split(",")
+    unknown = [s for s in names if s not in stages.STAGES]
+    _require(not unknown, "train.stages", f"a comma-separated list of {stages.STAGES}",
+             t.stages, f" (unknown: {unknown})")
+    _require(len(set(names)) == len(names), "train.stages", "a list without repeats", t.stages)
+    for name in names:
+        _require(name in t.steps and _count(t.steps[name], 1), f"train.steps.{name}", "a positive number of steps",
+                 t.steps.get(name))
+    for field in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+        _require(_count(t[field], 1), f"train.{field}", "a positive integer", t[field])
+    _require(_count(t.warmup_steps, 0), "train.warmup_steps", "a non-negative integer", t.warmup_steps)
+    _require(_count(t.n_devices, 0) and t.n_devices <= device_count, "train.n_devices",
+             f"0 (every device) or a count up to the {device_count} device(s) here", t.n_devices)
+    # learning_rate > 0: the task's learned skip opens at a rate of 1 / learning_rate (stages.skip_rate)
+    for field, ok, expected in (("learning_rate", lambda v: v > 0, "> 0"),
+                                ("weight_decay", lambda v: v >= 0, ">= 0"),
+                                ("clip_norm", lambda v: v > 0, "> 0"),
+                                ("ema_decay", lambda v: 0 <= v <= 1, "in [0, 1]"),
+                                ("memory_budget_gb", lambda v: v >= 0, ">= 0 (0: no budget)")):
+        _require(_number(t[field]) and ok(t[field]), f"train.{field}", f"a number {expected}", t[field])
+    n_dev = t.n_devices or device_count
+    _require(_count(d.batch_size, 1) and d.batch_size % n_dev == 0, "data.batch_size",
+             f"a positive multiple of the {n_dev} device(s) the batch is split over", d.batch_size)
+    _require(_count(d.n_train, d.batch_size * process_count), "data.n_train",
+             f"at least one batch of training samples per process (data.batch_size={d.batch_size} x "
+             f"{process_count} process(es))", d.n_train)
+    _require(_count(d.n_val, 1), "data.n_val", "a positive number of validation samples", d.n_val)
+    _require(d.task in tasks.TASKS, "data.task", f"one of {tasks.TASKS}", d.task)
+    paired = [s for s in names if s in ("task", "regressor", pixel_regressor.NAME)]
+    _require(not paired or tasks.is_paired(d.task), "data.task", f"a paired task ({tasks.PAIRED_TASKS}) for the "
+             f"stages {paired}, which learn source -> target", d.task)
+    _require(d.source in ("simulated", "files"), "data.source", "'simulated' or 'files'", d.source)
+    try:
+        _check_builders(config, names)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:  # a builder's own check, worded by the builder
+        raise ConfigError(f"this config cannot train: {e}") from e
+
+
+def _check_builders(config, names) -> None:
+    """The builders' own checks of the stages `names` (geometry, masks, objectives, the autoencoder's and the
+    U-Nets' shapes), on abstract models: nothing is initialised. Each model is checked once (the stages
+    share `config.model`)."""
+    from flax import nnx
+
+    geom = pipeline.geometry_from_config(config.data)
+    for name in names:
+        cfg = stage_config(config, name)
+        if cfg.masks.enabled:
+            grid = masks.MaskConfig.from_config(cfg.masks).grid
+            _require(grid <= min(geom.image_shape), "masks.grid", f"at most the image's {min(geom.image_shape)} "
+                     "pixels per side, so that every cell holds a pixel", grid)
+        if name == pixel_regressor.NAME:
+            pixel_regressor._check_geometry(cfg)  # its U-Net's levels against the sinogram
+        elif name != "autoencoder":
+            stages.make_schedule(cfg.diffusion)
+            objectives.objective_of(name, cfg)
+            stages.skip_rate(name, cfg)
+    if all(name == pixel_regressor.NAME for name in names):
+        return
+    ae = nnx.eval_shape(lambda: stages.build_autoencoder(config.model, 0))  # factor and widths
+    h, w, z = ae.latent_shape(geom.n_angles, geom.n_bins)
+    _require(z <= ae.factor**2, "model.latent_channels", f"at most factor^2 = {ae.factor**2} (the autoencoder "
+             "starts from its patch PCA, which has that many components per sinogram channel)", z)
+    if not any(name in ("foundation", "task", "regressor") for name in names):
+        return
+    d, levels = config.diffusion, len(config.model.unet_channels)
+    _require(h % 2 ** (levels - 1) == 0 and w % 2 ** (levels - 1) == 0, "model.unet_channels",
+             f"at most as many levels as halve the {h} x {w} latent (model.factor={ae.factor}) evenly",
+             tuple(config.model.unet_channels))
+    nnx.eval_shape(lambda: stages.build_unet(config, 1, 1, 0))  # attention levels
+    for field in ("parameterization", "task_parameterization"):
+        _require(d.get(field, "v") in schedules.PARAMETERIZATIONS, f"diffusion.{field}",
+                 f"one of {schedules.PARAMETERIZATIONS}", d.get(field))
+    _require(_count(d.val_steps, 1) and d.val_steps <= d.num_steps, "diffusion.val_steps",
+             f"a number of sampling steps in [1, diffusion.num_steps={d.num_steps}]", d.val_steps)
+    _require(_number(d.prompt_drop_prob) and 0 <= d.prompt_drop_prob <= 1, "diffusion.prompt_drop_prob",
+             "a probability in [0, 1]", d.prompt_drop_prob)
+
+
+def _require(ok: bool, field: str, expected: str, got, note: str = "") -> None:
+    if not ok:
+        raise ConfigError(f"config.{field} must be {expected}; got {got!r}{note}. Set it with --config.{field}=...")
+
+
+def _count(value, least: int) -> bool:
+    """Whether `value` is an integer (not a bool) >= `least`."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _number(value) -> bool:
+    """Whether `value` is a finite real number (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def stage_config(config, stage: str):
@@ -136,20 +246,16 @@ class TrainedStage:
 
 def best_validated_step(directory: str, steps, metric: str, mode: str) -> int | None:
     """Of the checkpointed `steps`, the one whose validation `metric` in `directory/metrics.jsonl` is best
-    (`mode` 'max' or 'min'; after a resume the last line logged for a step counts; lines that do not
-    parse, such as one cut short by a kill, are skipped). `None` when no checkpointed step was validated."""
-    path = os.path.join(directory, "metrics.jsonl")
+    (`mode` 'max' or 'min'), read by `metrics.read_metrics` (which skips a line cut short by a kill; where a
+    step was logged twice, as resumes did before they truncated the log, the last line counts). `None` when
+    no checkpointed step was validated."""
+    path = os.path.join(directory, metrics.FILE)
     if not os.path.exists(path):
         return None
     values = {}
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("split") == "val" and metric in record and record.get("step") in steps:
-                values[record["step"]] = float(record[metric])
+    for record in metrics.read_metrics(path):
+        if record.get("split") == "val" and metric in record and record["step"] in steps:
+            values[record["step"]] = float(record[metric])
     if not values:
         return None
     return (max if mode == "max" else min)(values, key=values.get)

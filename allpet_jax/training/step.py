@@ -175,5 +175,10 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P("data"))
 
 
+def global_batch(mesh: Mesh, local_batch):
+    """The global batch, split over the mesh, from this process's rows of it (all of it with one process)."""
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh), x), local_batch)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
