@@ -292,7 +292,10 @@ def load_trained(directory: str, step: int | None = None, best: bool = False) ->
             stage_obj = stages.diffusion_stage(name, cfg, ae.graphdef, ae.params, 1.0, channels["target"],
                                                channels["source"], cfg.seed)
         if step is None:
-            step = best_validated_step(directory, set(manager.all_steps()), *stage_obj.best_metric) if best else None
+            saved = set(manager.all_steps())
+            step = best_validated_step(directory, saved, *stage_obj.best_metric) if best else None
+            if best and step is None and stage_obj.best_metric[0] == "val_crps":  # runs logged before val_crps
+                step = best_validated_step(directory, saved, "val_psnr", "max")
             step = latest if step is None else step
         abstract = train_step.init_state(stage_obj.params, make_tx(cfg, name), cfg.seed, stage_obj.frozen)
         state = checkpointing.restore_state_only(manager, step, checkpointing.abstract(abstract))
