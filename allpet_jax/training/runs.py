@@ -62,6 +62,9 @@ def check_config(config, device_count: int, process_count: int = 1) -> None:
     _require(_count(d.n_train, d.batch_size * process_count), "data.n_train",
              f"at least one batch of training samples per process (data.batch_size={d.batch_size} x "
              f"{process_count} process(es))", d.n_train)
+    _require("foundation" not in names or "pretrain_seed" not in d or d.pretrain_seed != d.seed, "data.pretrain_seed",
+             f"a seed other than data.seed={d.seed} (the foundation's sinograms must share no sample with the "
+             "task's splits)", d.get("pretrain_seed"))
     _require(_count(d.n_val, 1), "data.n_val", "a positive number of validation samples", d.n_val)
     _require(d.task in tasks.TASKS, "data.task", f"one of {tasks.TASKS}", d.task)
     paired = [s for s in names if s in ("task", "regressor", pixel_regressor.NAME)]
@@ -139,6 +142,7 @@ def stage_config(config, stage: str):
     cfg.unlock()
     if stage == "foundation":
         cfg.data.task = tasks.SYNTHESIS
+        cfg.data.seed = pretrain_seed(config)
     if cfg.data.cache_dir:  # one shard cache per task, so the stages can share a cache root
         cfg.data.cache_dir = os.path.join(cfg.data.cache_dir, cfg.data.task)
     # With model.ae_views the autoencoder also trains on the masked views the foundation encodes.
@@ -146,6 +150,12 @@ def stage_config(config, stage: str):
         bool(config.masks.get("rmas", True))
     cfg.tma.enabled = stage in _TMA_STAGES and config.tma.enabled  # TMA is a fine-tuning option
     return cfg
+
+
+def pretrain_seed(config) -> int:
+    """The data seed of the foundation's sinograms (`data.pretrain_seed`; configs saved before it existed drew
+    them with `data.seed`)."""
+    return int(config.data.get("pretrain_seed", config.data.seed))
 
 
 def _ae_views(config) -> bool:
@@ -180,6 +190,8 @@ def recipe(cfg, stage: str) -> dict:
     ones (another seed, training set, diffusion objective, masks or TMA) would silently mix two runs.
     The number of steps is not among them: resuming with more steps is how a run is extended."""
     out = {"seed": int(cfg.seed), "n_train": int(cfg.data.n_train)}
+    if stage == "foundation":
+        out["data_seed"] = int(cfg.data.seed)  # data.pretrain_seed (stage_config)
     if stage in ("foundation", "task"):
         out["diffusion"] = json.loads(cfg.diffusion.to_json())
     if stage == "foundation" or (stage == "autoencoder" and _ae_views(cfg)):

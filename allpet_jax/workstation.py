@@ -1,0 +1,174 @@
+"""The workstation experiments (docs/RESULTS.md, "The paper's claims at the workstation budget"): a plan of
+runs that tests the paper's generation, downstream and attention claims, run one at a time in the
+background and resumed where it was interrupted.
+
+    nohup python -m allpet_jax.workstation --root ~/allpet_runs/ws > ws.log 2>&1 &   # start, or resume
+    python -m allpet_jax.workstation --root ~/allpet_runs/ws --show                     # the plan and what is done
+
+Every item is a directory under `--root` holding ordinary `train.py` workdirs, so each can be evaluated,
+sampled or resumed by hand. Stages an item does not train are symbolic links to the item that did
+(`ds500/foundation -> ../f_rmas_s0/foundation`), which is where `train.py` and `evaluate` look for them.
+An item's `done.json` records its commands and wall time; an interrupted item runs its commands again:
+`train.py` resumes from its last checkpoint (every 250 steps), and an evaluation starts over. After each
+item the runner starts itself again, so it picks up a plan extended meanwhile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+from absl import flags
+
+from allpet_jax import cli
+from allpet_jax.atomic_write import claim_output_dir, write_text
+from allpet_jax.experiments import ROOT, _call, machine
+
+TOOL = "allpet_jax.workstation"
+PRESET = "workstation"
+DONE = "done.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    name: str  # its directory under the root
+    what: str  # one line for the plan table
+    minutes: int  # planned wall time on 2 cores
+    train: tuple = ()  # train.py overrides; () = nothing to train
+    links: tuple = ()  # (stage, item) pairs: <name>/<stage> -> ../<item>/<stage>
+    evaluate: tuple = ()  # argument lists of `python -m allpet_jax.evaluate --workdir <name>` (each with --out)
+
+
+def _foundation(name: str, what: str, seed: int, rmas: bool, n_train: int = 500) -> Item:
+    return Item(name, what, 55, ("--config.train.stages=foundation", f"--config.seed={seed}",
+                                 f"--config.masks.rmas={rmas}", f"--config.data.n_train={n_train}"),
+                links=(("autoencoder", "ae"),))
+
+
+PLAN = (
+    Item("ae", "sinogram autoencoder on the 500 low_dose pairs, shared by every arm", 12,
+         ("--config.train.stages=autoencoder",)),
+    _foundation("f_rmas_s0", "foundation, 500 sinograms, RMAS/DMM (completion), seed 0", 0, True),
+    Item("ds500", "low_dose, 500 pairs: task fine-tuned from f_rmas_s0; latent and pixel regressors", 110,
+         ("--config.train.stages=task,regressor,pixel_regressor",),
+         links=(("autoencoder", "ae"), ("foundation", "f_rmas_s0"))),
+    _foundation("f_plain_s0", "foundation, 500 sinograms, no masks (plain synthesis), seed 0", 0, False),
+    _foundation("f_plain5000_s0", "foundation, 5000 sinograms, no masks, seed 0 (same U-Net passes)", 0, False, 5000),
+    _foundation("f_rmas_s1", "foundation, 500, RMAS/DMM, seed 1", 1, True),
+    _foundation("f_plain_s1", "foundation, 500, no masks, seed 1", 1, False),
+    _foundation("f_rmas_s2", "foundation, 500, RMAS/DMM, seed 2", 2, True),
+    _foundation("f_plain_s2", "foundation, 500, no masks, seed 2", 2, False),
+    Item("ds500_scratch", "low_dose, 500 pairs, task from scratch (no foundation)", 35,
+         ("--config.train.stages=task",), links=(("autoencoder", "ae"),)),
+    Item("ds5000_scratch", "low_dose, 5000 pairs, task from scratch", 40,
+         ("--config.train.stages=task", "--config.data.n_train=5000"), links=(("autoencoder", "ae"),)),
+)
+
+
+def train_command(root: str, item: Item, preset: str = PRESET) -> list:
+    return [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, f"configs/base.py:{preset}"),
+            "--workdir", os.path.join(root, item.name), *item.train]
+
+
+def eval_command(root: str, item: Item, args) -> list:
+    return [sys.executable, "-m", "allpet_jax.evaluate", "--workdir", os.path.join(root, item.name), *args]
+
+
+def commands(root: str, item: Item, preset: str = PRESET) -> list:
+    out = [train_command(root, item, preset)] if item.train else []
+    return out + [eval_command(root, item, a) for a in item.evaluate]
+
+
+def is_done(root: str, item: Item, preset: str = PRESET) -> bool:
+    """Whether `item` finished with the commands it has now (a changed item runs again, resuming)."""
+    path = os.path.join(root, item.name, DONE)
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        return json.load(f).get("commands") == _portable(commands(root, item, preset))
+
+
+def _portable(cmds: list) -> list:
+    """Commands without this machine's interpreter and checkout paths (so a moved checkout is still done)."""
+    return [[("python" if p == sys.executable else p.replace(ROOT + os.sep, "")) for p in c] for c in cmds]
+
+
+def link_stages(root: str, item: Item) -> None:
+    """`<item>/<stage>` -> `../<other>/<stage>` for each of `item.links`; an existing link must point there."""
+    os.makedirs(os.path.join(root, item.name), exist_ok=True)
+    for stage, other in item.links:
+        path, target = os.path.join(root, item.name, stage), os.path.join("..", other, stage)
+        if os.path.islink(path):
+            if os.readlink(path) != target:
+                raise ValueError(f"{path} links to {os.readlink(path)}, expected {target}")
+        elif os.path.exists(path):
+            raise ValueError(f"{path} exists and is not a link to {target}; move it away to run {item.name}")
+        else:
+            os.symlink(target, path)
+
+
+def run_item(root: str, item: Item, preset: str = PRESET) -> float:
+    link_stages(root, item)
+    log = os.path.join(root, item.name, "run.log")
+    t0 = time.time()
+    for cmd in commands(root, item, preset):
+        _call(cmd, log)
+    wall = time.time() - t0
+    write_text(os.path.join(root, item.name, DONE),
+               json.dumps({"commands": _portable(commands(root, item, preset)), "wall_s": wall, "machine": machine(),
+                           "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1))
+    return wall
+
+
+def plan_table(root: str | None = None) -> str:
+    """Markdown: the plan, each item's planned minutes and, under `root`, its measured wall time."""
+    lines = ["| item | what | planned min | done: wall min |", "|---|---|---|---|"]
+    for item in PLAN:
+        wall = "-"
+        path = os.path.join(root, item.name, DONE) if root else ""
+        if path and os.path.exists(path):
+            with open(path) as f:
+                wall = f"{json.load(f)['wall_s'] / 60:.0f}"
+        lines.append(f"| {item.name} | {item.what} | {item.minutes} | {wall} |")
+    lines.append(f"| total | | {sum(i.minutes for i in PLAN)} ({sum(i.minutes for i in PLAN) / 60:.1f} h) | |")
+    return "\n".join(lines)
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    into = {"flag_values": flag_values}
+    flags.DEFINE_string("root", None, "directory of the runs: new, or one this command wrote (rerun to resume)", **into)
+    flags.DEFINE_string("preset", PRESET, "configs/base.py preset of every run (smoke: a test of the plan)", **into)
+    flags.DEFINE_bool("show", False, "print the plan and what is done, and run nothing", **into)
+    flags.DEFINE_list("only", [], "run just these items (default: every item not done, in order)", **into)
+    flags.mark_flag_as_required("root", flag_values)
+
+
+def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    del argv
+    root = os.path.abspath(os.path.expanduser(flag_values.root))
+    if flag_values.show:
+        print(plan_table(root))
+        return
+    unknown = [n for n in flag_values.only if n not in {i.name for i in PLAN}]
+    if unknown:
+        raise ValueError(f"--only must name items of the plan ({', '.join(i.name for i in PLAN)}); got {unknown}")
+    claim_output_dir(root, TOOL, [i.name for i in PLAN])  # refuses a directory of someone else's files, untouched
+    preset = flag_values.preset
+    todo = [i for i in PLAN if (not flag_values.only or i.name in flag_values.only) and not is_done(root, i, preset)]
+    if not todo:
+        print(plan_table(root))
+        return
+    item = todo[0]
+    print(f"[{time.strftime('%H:%M:%S')}] {item.name}: {item.what}", flush=True)
+    wall = run_item(root, item, preset)
+    print(f"[{time.strftime('%H:%M:%S')}] {item.name} done in {wall / 60:.1f} min", flush=True)
+    if len(todo) > 1:  # the next item with the code as it is now
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, "-m", TOOL, *sys.argv[1:]])
+
+
+if __name__ == "__main__":
+    cli.run(main, TOOL, define_flags, errors=(ValueError,))
