@@ -62,6 +62,7 @@ distance of summary statistics to the held-out test sinograms, for the generated
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -452,6 +453,13 @@ def evaluate_synthesis(trained, n: int, sampler, steps: int, seed: int, progress
     return {"rows": rows, "generate_s": timings}
 
 
+def at_dose(trained, dose: float):
+    """`trained` with its splits simulated at one dose fraction (`data.simulation.dose`) instead of the drawn mix."""
+    config = trained.config.copy_and_resolve_references()
+    config.data.simulation.dose = float(dose)
+    return dataclasses.replace(trained, config=config)
+
+
 def per_sample(rows: dict) -> dict:
     """The per-sample scores as lists (JSON), so later comparisons can pair them."""
     return {name: {k: [None if not np.isfinite(x) else float(x) for x in np.asarray(v, np.float64).ravel()]
@@ -478,6 +486,8 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                          **into)
     flags.DEFINE_integer("seed", 0, "sampling seed", **into)
     flags.DEFINE_string("out", "", "where results.md and results.json go (default WORKDIR/eval/<task>)", **into)
+    flags.DEFINE_float("dose", 0.0, "low_dose: simulate the validation and test splits at this dose fraction "
+                                    "(0.05 = DRF 20); default: the doses drawn in training", **into)
     flags.DEFINE_list("cfg_scale", [], "synthesis: classifier-free guidance scales to add as rows, e.g. 2,4 (1 = off)",
                       **into)
     flags.DEFINE_list("guidance", [], "low_dose: Poisson guidance scales of the task model to add as rows, e.g. "
@@ -495,7 +505,12 @@ def main(argv, flag_values: flags.FlagValues = FLAGS):
     if flag_values.num_samples < 1 or flag_values.steps < 1 or flag_values.num_inputs < 0:
         raise ValueError(f"--num_samples and --steps must be >= 1 and --num_inputs >= 0; got "
                          f"{flag_values.num_samples}, {flag_values.steps}, {flag_values.num_inputs}")
+    if flag_values.dose and (flag_values.task != tasks.LOW_DOSE or not 0 < flag_values.dose <= 1):
+        raise ValueError(f"--dose must be a dose fraction in (0, 1] for --task {tasks.LOW_DOSE}; got "
+                         f"--dose {flag_values.dose:g} for --task {flag_values.task}")
     trained = sampling.load_for_task(flag_values.task, flag_values.workdir, flag_values.checkpoint, best=True)
+    if flag_values.dose:
+        trained = at_dose(trained, flag_values.dose)
     out = flag_values.out or os.path.join(flag_values.workdir or os.path.dirname(trained.directory), "eval",
                                           flag_values.task)
     # Before minutes of sampling: a --out holding files evaluate did not write is refused untouched, and an

@@ -42,6 +42,16 @@ class Item:
     evaluate: tuple = ()  # argument lists of `python -m allpet_jax.evaluate --workdir <name>` (each with --out)
 
 
+DRFS = {4: 0.25, 20: 0.05, 100: 0.01}  # dose reduction factor: dose fraction (RED reports these three)
+
+
+def _low_dose_eval(drf: int, zero_pair: bool = False) -> tuple:
+    """`evaluate` of low_dose at one DRF: 256 test samples, 8 DDIM-20 samples each, every row post-filtered
+    with its validation-tuned Gaussian; with `zero_pair`, also the foundation prior with Poisson guidance 1."""
+    return ("--task", "low_dose", "--dose", f"{DRFS[drf]:g}", "--steps", "20", "--num_samples", "8", "--guidance=",
+            f"--zero_pair_guidance={1 if zero_pair else ''}", "--out", f"eval/low_dose_drf{drf}")
+
+
 def _foundation(name: str, what: str, seed: int, rmas: bool, n_train: int = 500) -> Item:
     return Item(name, what, 55, ("--config.train.stages=foundation", f"--config.seed={seed}",
                                  f"--config.masks.rmas={rmas}", f"--config.data.n_train={n_train}"),
@@ -52,19 +62,22 @@ PLAN = (
     Item("ae", "sinogram autoencoder on the 500 low_dose pairs, shared by every arm", 12,
          ("--config.train.stages=autoencoder",)),
     _foundation("f_rmas_s0", "foundation, 500 sinograms, RMAS/DMM (completion), seed 0", 0, True),
-    Item("ds500", "low_dose, 500 pairs: task fine-tuned from f_rmas_s0; latent and pixel regressors", 110,
+    Item("ds500", "low_dose, 500 pairs: task fine-tuned from f_rmas_s0; latent and pixel regressors; scored at "
+                  "DRF 20 (with the zero-pair arm), 4 and 100", 150,
          ("--config.train.stages=task,regressor,pixel_regressor",),
-         links=(("autoencoder", "ae"), ("foundation", "f_rmas_s0"))),
+         links=(("autoencoder", "ae"), ("foundation", "f_rmas_s0")),
+         evaluate=(_low_dose_eval(20, zero_pair=True), _low_dose_eval(4), _low_dose_eval(100))),
     _foundation("f_plain_s0", "foundation, 500 sinograms, no masks (plain synthesis), seed 0", 0, False),
     _foundation("f_plain5000_s0", "foundation, 5000 sinograms, no masks, seed 0 (same U-Net passes)", 0, False, 5000),
     _foundation("f_rmas_s1", "foundation, 500, RMAS/DMM, seed 1", 1, True),
     _foundation("f_plain_s1", "foundation, 500, no masks, seed 1", 1, False),
     _foundation("f_rmas_s2", "foundation, 500, RMAS/DMM, seed 2", 2, True),
     _foundation("f_plain_s2", "foundation, 500, no masks, seed 2", 2, False),
-    Item("ds500_scratch", "low_dose, 500 pairs, task from scratch (no foundation)", 35,
-         ("--config.train.stages=task",), links=(("autoencoder", "ae"),)),
-    Item("ds5000_scratch", "low_dose, 5000 pairs, task from scratch", 40,
-         ("--config.train.stages=task", "--config.data.n_train=5000"), links=(("autoencoder", "ae"),)),
+    Item("ds500_scratch", "low_dose, 500 pairs, task from scratch (no foundation), scored at DRF 20", 45,
+         ("--config.train.stages=task",), links=(("autoencoder", "ae"),), evaluate=(_low_dose_eval(20),)),
+    Item("ds5000_scratch", "low_dose, 5000 pairs, task from scratch", 50,
+         ("--config.train.stages=task", "--config.data.n_train=5000"), links=(("autoencoder", "ae"),),
+         evaluate=(_low_dose_eval(20),)),
 )
 
 
@@ -74,6 +87,10 @@ def train_command(root: str, item: Item, preset: str = PRESET) -> list:
 
 
 def eval_command(root: str, item: Item, args) -> list:
+    """`evaluate` of the item's workdir, its `--out` made a path under the item's directory."""
+    args = list(args)
+    i = args.index("--out") + 1
+    args[i] = os.path.join(root, item.name, args[i])
     return [sys.executable, "-m", "allpet_jax.evaluate", "--workdir", os.path.join(root, item.name), *args]
 
 
