@@ -39,7 +39,7 @@ class Item:
     minutes: int  # planned wall time on 2 cores
     train: tuple = ()  # train.py overrides; () = nothing to train
     links: tuple = ()  # (stage, item) pairs: <name>/<stage> -> ../<item>/<stage>
-    evaluate: tuple = ()  # argument lists of `python -m allpet_jax.evaluate --workdir <name>` (each with --out)
+    scores: tuple = ()  # (module, *args): `python -m <module> --workdir <name> <args>`, each with an --out under <name>
 
 
 DRFS = {4: 0.25, 20: 0.05, 100: 0.01}  # dose reduction factor: dose fraction (RED reports these three)
@@ -48,14 +48,17 @@ DRFS = {4: 0.25, 20: 0.05, 100: 0.01}  # dose reduction factor: dose fraction (R
 def _low_dose_eval(drf: int, zero_pair: bool = False) -> tuple:
     """`evaluate` of low_dose at one DRF: 256 test samples, 8 DDIM-20 samples each, every row post-filtered
     with its validation-tuned Gaussian; with `zero_pair`, also the foundation prior with Poisson guidance 1."""
-    return ("--task", "low_dose", "--dose", f"{DRFS[drf]:g}", "--steps", "20", "--num_samples", "8", "--guidance=",
+    return ("allpet_jax.evaluate", "--task", "low_dose", "--dose", f"{DRFS[drf]:g}", "--steps", "20", "--num_samples", "8", "--guidance=",
             f"--zero_pair_guidance={1 if zero_pair else ''}", "--out", f"eval/low_dose_drf{drf}")
 
 
+GENERATION = ("allpet_jax.generation", "--num_inputs", "512", "--steps", "50", "--out", "eval/generation")
+
+
 def _foundation(name: str, what: str, seed: int, rmas: bool, n_train: int = 500) -> Item:
-    return Item(name, what, 55, ("--config.train.stages=foundation", f"--config.seed={seed}",
-                                 f"--config.masks.rmas={rmas}", f"--config.data.n_train={n_train}"),
-                links=(("autoencoder", "ae"),))
+    return Item(name, what + "; generation scored on 512 samples", 65,
+                ("--config.train.stages=foundation", f"--config.seed={seed}", f"--config.masks.rmas={rmas}",
+                 f"--config.data.n_train={n_train}"), links=(("autoencoder", "ae"),), scores=(GENERATION,))
 
 
 PLAN = (
@@ -66,7 +69,7 @@ PLAN = (
                   "DRF 20 (with the zero-pair arm), 4 and 100", 150,
          ("--config.train.stages=task,regressor,pixel_regressor",),
          links=(("autoencoder", "ae"), ("foundation", "f_rmas_s0")),
-         evaluate=(_low_dose_eval(20, zero_pair=True), _low_dose_eval(4), _low_dose_eval(100))),
+         scores=(_low_dose_eval(20, zero_pair=True), _low_dose_eval(4), _low_dose_eval(100))),
     _foundation("f_plain_s0", "foundation, 500 sinograms, no masks (plain synthesis), seed 0", 0, False),
     _foundation("f_plain5000_s0", "foundation, 5000 sinograms, no masks, seed 0 (same U-Net passes)", 0, False, 5000),
     _foundation("f_rmas_s1", "foundation, 500, RMAS/DMM, seed 1", 1, True),
@@ -74,10 +77,10 @@ PLAN = (
     _foundation("f_rmas_s2", "foundation, 500, RMAS/DMM, seed 2", 2, True),
     _foundation("f_plain_s2", "foundation, 500, no masks, seed 2", 2, False),
     Item("ds500_scratch", "low_dose, 500 pairs, task from scratch (no foundation), scored at DRF 20", 45,
-         ("--config.train.stages=task",), links=(("autoencoder", "ae"),), evaluate=(_low_dose_eval(20),)),
+         ("--config.train.stages=task",), links=(("autoencoder", "ae"),), scores=(_low_dose_eval(20),)),
     Item("ds5000_scratch", "low_dose, 5000 pairs, task from scratch", 50,
          ("--config.train.stages=task", "--config.data.n_train=5000"), links=(("autoencoder", "ae"),),
-         evaluate=(_low_dose_eval(20),)),
+         scores=(_low_dose_eval(20),)),
 )
 
 
@@ -86,17 +89,17 @@ def train_command(root: str, item: Item, preset: str = PRESET) -> list:
             "--workdir", os.path.join(root, item.name), *item.train]
 
 
-def eval_command(root: str, item: Item, args) -> list:
-    """`evaluate` of the item's workdir, its `--out` made a path under the item's directory."""
-    args = list(args)
+def score_command(root: str, item: Item, score) -> list:
+    """A scoring module run on the item's workdir, its `--out` made a path under the item's directory."""
+    module, *args = score
     i = args.index("--out") + 1
     args[i] = os.path.join(root, item.name, args[i])
-    return [sys.executable, "-m", "allpet_jax.evaluate", "--workdir", os.path.join(root, item.name), *args]
+    return [sys.executable, "-m", module, "--workdir", os.path.join(root, item.name), *args]
 
 
 def commands(root: str, item: Item, preset: str = PRESET) -> list:
     out = [train_command(root, item, preset)] if item.train else []
-    return out + [eval_command(root, item, a) for a in item.evaluate]
+    return out + [score_command(root, item, a) for a in item.scores]
 
 
 def is_done(root: str, item: Item, preset: str = PRESET) -> bool:
