@@ -56,7 +56,7 @@ from jax import lax
 import radon
 
 
-CALLER_KEYS = ("enabled", "sinogram_key", "alpha", "condition", "roi_file", "rois")
+CALLER_KEYS = ("enabled", "sinogram_key", "alpha", "condition", "roi_file", "rois", "map")
 """`config.tma` keys that are not segmentation constants (read by the trainer and `rois.rois_from_config`)."""
 
 

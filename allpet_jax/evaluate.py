@@ -312,10 +312,10 @@ def source_images(trained, sample: dict, geom, channels: int) -> dict:
 
 
 def evaluate_paired(trained, workdir: str, n: int, sampler, steps: int, num_samples: int, seed: int,
-                    guidance=(), zero_pair_guidance=None, progress: bool = True) -> dict:
+                    guidance=(), zero_pair_guidance=None, progress: bool = True, test_indices=None) -> dict:
     """Every method's per-sample scores on `n` test samples (see the module docstring). `guidance`: the
     Poisson guidance scales of the task model's rows; `zero_pair_guidance` those of the zero-pair arm
-    (default: the same).
+    (default: the same). `test_indices`: the test samples scored (default `0 .. n - 1`).
 
     Every row's FBP and OSEM images are post-filtered with the Gaussian width (`SIGMAS_PX`, 0 included)
     that maximised that row's own mean image PSNR on the validation split, the treatment a clinic gives
@@ -323,7 +323,7 @@ def evaluate_paired(trained, workdir: str, n: int, sampler, steps: int, num_samp
     geom = sampling.geometry_of(trained)
     splits = {"val": sampling.simulated_inputs(trained, min(n, max(sampling.pipeline.split_size(
                   trained.config.data, "val"), 1)), "val", physics=True),
-              "test": sampling.simulated_inputs(trained, n, physics=True)}
+              "test": sampling.simulated_inputs(trained, n, physics=True, indices=test_indices)}
     test = splits["test"]
     norm = trained.normalisation
     channels = trained.meta.get("channels", {}).get("target", 1)
@@ -453,6 +453,27 @@ def evaluate_synthesis(trained, n: int, sampler, steps: int, seed: int, progress
     return {"rows": rows, "generate_s": timings}
 
 
+def lesion_rich_indices(trained, n: int, radius_px: float, chunk: int = 256) -> list:
+    """The first `n` test-split indices whose phantom holds a lesion (hot or cold) of radius at least
+    `radius_px` pixels: a connected lesion region of at least pi r^2 pixels."""
+    from scipy import ndimage
+
+    from allpet_jax.data import phantoms
+
+    ids, min_area = [phantoms.LABEL_IDS["lesion_hot"], phantoms.LABEL_IDS["lesion_cold"]], np.pi * radius_px**2
+    found, start = [], 0
+    while len(found) < n:
+        if start >= 50 * n:
+            raise ValueError(f"fewer than {n} of the first {start} test samples hold a lesion of radius >= "
+                             f"{radius_px:g} px ({len(found)} do); ask for fewer or a smaller radius")
+        for i, labels in enumerate(sampling.simulated_inputs(trained, chunk, start=start)["labels"]):
+            components, count = ndimage.label(np.isin(labels, ids))
+            if count and np.bincount(components.ravel())[1:].max() >= min_area:
+                found.append(start + i)
+        start += chunk
+    return found[:n]
+
+
 def at_dose(trained, dose: float):
     """`trained` with its splits simulated at one dose fraction (`data.simulation.dose`) instead of the drawn mix."""
     config = trained.config.copy_and_resolve_references()
@@ -486,6 +507,8 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                          **into)
     flags.DEFINE_integer("seed", 0, "sampling seed", **into)
     flags.DEFINE_string("out", "", "where results.md and results.json go (default WORKDIR/eval/<task>)", **into)
+    flags.DEFINE_float("min_lesion_radius_px", 0.0, "paired tasks: score only test samples with a lesion of at least "
+                                                    "this radius (a lesion-rich set for TMA); 0 = every sample", **into)
     flags.DEFINE_float("dose", 0.0, "low_dose: simulate the validation and test splits at this dose fraction "
                                     "(0.05 = DRF 20); default: the doses drawn in training", **into)
     flags.DEFINE_list("cfg_scale", [], "synthesis: classifier-free guidance scales to add as rows, e.g. 2,4 (1 = off)",
@@ -531,7 +554,9 @@ def main(argv, flag_values: flags.FlagValues = FLAGS):
                                  flag_values.num_samples, flag_values.seed,
                                  guidance=[float(g) for g in flag_values.guidance],
                                  zero_pair_guidance=None if flag_values.zero_pair_guidance is None else
-                                 [float(g) for g in flag_values.zero_pair_guidance])
+                                 [float(g) for g in flag_values.zero_pair_guidance],
+                                 test_indices=lesion_rich_indices(trained, n, flag_values.min_lesion_radius_px)
+                                 if flag_values.min_lesion_radius_px > 0 else None)
         rows = result.pop("rows")
         summary = summarise(rows)
         tables = paired_report(result, summary)

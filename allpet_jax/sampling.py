@@ -69,20 +69,24 @@ def geometry_of(trained: runs.TrainedStage, n_angles: int = 0, n_bins: int = 0) 
 
 
 def simulated_inputs(trained: runs.TrainedStage, n: int, split: str = "test", start: int = 0, *,
-                     physics: bool = False) -> dict:
-    """Samples `start .. start + n - 1` of a simulated split with the checkpoint's data config, in counts;
-    with `physics`, also `sources.PHYSICS_FIELDS` (the config's `data.physics` is set on a copy)."""
+                     physics: bool = False, indices=None) -> dict:
+    """Samples `start .. start + n - 1` (or the given `indices`, `n` of them) of a simulated split with the
+    checkpoint's data config, in counts; with `physics`, also `sources.PHYSICS_FIELDS` (the config's
+    `data.physics` is set on a copy)."""
+    wanted = list(range(start, start + n)) if indices is None else [int(i) for i in indices]
     data = trained.config.data.copy_and_resolve_references()
     data.cache_dir = ""
     data.source = "simulated"
     data.physics = bool(physics)
+    end = max(wanted, default=-1) + 1
     if split == "test":  # sample i is a pure function of (seed, 'test', i): the split extends as far as asked
-        data.n_test = max(int(data.n_test), start + n)
+        data.n_test = max(int(data.n_test), end)
     size = pipeline.split_size(data, split)
-    if not 1 <= n or start + n > size:
-        raise ValueError(f"the {split} split has {size} samples; asked for {n} from {start}")
+    if not wanted or min(wanted) < 0 or end > size:
+        raise ValueError(f"the {split} split has {size} samples; asked for {len(wanted)} of indices "
+                         f"{min(wanted, default=0)}..{end - 1}")
     source = pipeline.make_source(data, split, progress=False)
-    return {k: np.asarray(v) for k, v in source.read_batch(list(range(start, start + n))).items()}
+    return {k: np.asarray(v) for k, v in source.read_batch(wanted).items()}
 
 
 def file_inputs(trained: runs.TrainedStage, path: str, variable: str = "", prompt: str = "", *,

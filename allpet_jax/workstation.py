@@ -52,6 +52,12 @@ def _low_dose_eval(drf: int, zero_pair: bool = False) -> tuple:
             f"--zero_pair_guidance={1 if zero_pair else ''}", "--out", f"eval/low_dose_drf{drf}")
 
 
+LESIONS = ("allpet_jax.evaluate", "--task", "low_dose", "--dose", "0.05", "--min_lesion_radius_px", "2", "--num_inputs",
+           "400", "--steps", "20", "--num_samples", "8", "--guidance=", "--zero_pair_guidance=", "--out",
+           "eval/lesions_drf20")
+"""The TMA claim's scoring: 400 lesion-rich test slices (a lesion of radius >= 2 px; about 24% of slices at
+64 x 64) at DRF 20."""
+
 GENERATION = ("allpet_jax.generation", "--num_inputs", "512", "--steps", "50", "--out", "eval/generation")
 
 
@@ -66,21 +72,27 @@ PLAN = (
          ("--config.train.stages=autoencoder",)),
     _foundation("f_rmas_s0", "foundation, 500 sinograms, RMAS/DMM (completion), seed 0", 0, True),
     Item("ds500", "low_dose, 500 pairs: task fine-tuned from f_rmas_s0; latent and pixel regressors; scored at "
-                  "DRF 20 (with the zero-pair arm), 4 and 100", 150,
+                  "DRF 20 (with the zero-pair arm), 4 and 100, and on lesion-rich slices (TMA off)", 165,
          ("--config.train.stages=task,regressor,pixel_regressor",),
          links=(("autoencoder", "ae"), ("foundation", "f_rmas_s0")),
-         scores=(_low_dose_eval(20, zero_pair=True), _low_dose_eval(4), _low_dose_eval(100))),
+         scores=(_low_dose_eval(20, zero_pair=True), _low_dose_eval(4), _low_dose_eval(100), LESIONS)),
     _foundation("f_plain_s0", "foundation, 500 sinograms, no masks (plain synthesis), seed 0", 0, False),
     _foundation("f_plain5000_s0", "foundation, 5000 sinograms, no masks, seed 0 (same U-Net passes)", 0, False, 5000),
-    _foundation("f_rmas_s1", "foundation, 500, RMAS/DMM, seed 1", 1, True),
-    _foundation("f_plain_s1", "foundation, 500, no masks, seed 1", 1, False),
-    _foundation("f_rmas_s2", "foundation, 500, RMAS/DMM, seed 2", 2, True),
-    _foundation("f_plain_s2", "foundation, 500, no masks, seed 2", 2, False),
     Item("ds500_scratch", "low_dose, 500 pairs, task from scratch (no foundation), scored at DRF 20", 45,
          ("--config.train.stages=task",), links=(("autoencoder", "ae"),), scores=(_low_dose_eval(20),)),
     Item("ds5000_scratch", "low_dose, 5000 pairs, task from scratch", 50,
          ("--config.train.stages=task", "--config.data.n_train=5000"), links=(("autoencoder", "ae"),),
          scores=(_low_dose_eval(20),)),
+    Item("tma_seg", "low_dose, 500 pairs, from f_rmas_s0 with parameter-free TMA; lesion-rich slices", 55,
+         ("--config.train.stages=task", "--config.tma.enabled=True"),
+         links=(("autoencoder", "ae"), ("foundation", "f_rmas_s0")), scores=(LESIONS,)),
+    Item("tma_oracle", "the same with the oracle attention (the phantom's lesion labels); lesion-rich slices", 55,
+         ("--config.train.stages=task", "--config.tma.enabled=True", "--config.tma.map=oracle"),
+         links=(("autoencoder", "ae"), ("foundation", "f_rmas_s0")), scores=(LESIONS,)),
+    _foundation("f_rmas_s1", "foundation, 500, RMAS/DMM, seed 1", 1, True),
+    _foundation("f_plain_s1", "foundation, 500, no masks, seed 1", 1, False),
+    _foundation("f_rmas_s2", "foundation, 500, RMAS/DMM, seed 2", 2, True),
+    _foundation("f_plain_s2", "foundation, 500, no masks, seed 2", 2, False),
 )
 
 

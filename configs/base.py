@@ -121,6 +121,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.tma = tma = ml_collections.ConfigDict()
     tma.enabled = False  # the task fine-tuning stage turns it on
     tma.sinogram_key = "source"  # TMA segments the FBP of this sinogram (channel 0)
+    # The image attention: 'segmented' (the parameter-free rule below) or 'oracle' (the simulator's lesion labels,
+    # 1 on every lesion pixel and 0 elsewhere: the best attention could do, an upper bound for the experiments).
+    tma.map = "segmented"
     tma.alpha = 1.0  # diffusion loss weight 1 + alpha * A_sino (losses.tma_latent_weight)
     tma.condition = True  # also feed A_sino to the U-Net as a condition channel
     tma.roi_file = ""  # JSON list of clinician ROIs (allpet_jax/rois.py), applied after tma.rois

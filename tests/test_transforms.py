@@ -112,6 +112,27 @@ def test_tma_of_a_simulated_batch_uses_each_regions_pixel(simulated):
         assert out["tma"][rows].max() == pytest.approx(1.0)
 
 
+def test_oracle_attention_is_the_projection_of_the_lesion_labels(simulated):
+    """tma.map='oracle': each sample's map is R(lesion mask) / max in its own geometry, the mask being the
+    pixels labelled lesion_hot or lesion_cold; a phantom without lesions gets no attention."""
+    config, batch = simulated
+    config = config.copy_and_resolve_references()
+    config.tma.enabled, config.tma.map = True, "oracle"
+    out = TmaTransform(config)(batch)
+    lesion = (batch["labels"] == phantoms.LABEL_IDS["lesion_hot"]) | (batch["labels"] == phantoms.LABEL_IDS["lesion_cold"])
+    assert lesion.any(axis=(1, 2)).any()  # not zeros against zeros
+    for i, region in enumerate(batch["prompt"][:, 1]):
+        geom = pipeline.sample_geometry(config.data, region)
+        proj = np.asarray(radon.forward(jnp.asarray(lesion[i], jnp.float32), geom))
+        expected = proj / proj.max() if lesion[i].any() else np.zeros_like(proj)
+        np.testing.assert_allclose(out["tma"][i], np.clip(expected, 0, None), atol=1e-5)
+    with pytest.raises(ValueError, match="lesion labels"):
+        TmaTransform(config)({k: v for k, v in batch.items() if k != "labels"})
+    config.data.source = "files"
+    with pytest.raises(ValueError, match="carry none"):
+        TmaTransform(config)
+
+
 def test_clinician_rois_land_on_each_samples_mm(simulated):
     """A 40 mm circle ROI covers 80 pixels of a brain slice (8 mm pixels) and a 4 x 4 block of a body
     slice (18.75 mm): the edited map is `A_sino` of `max(A_img, circle)` in each sample's geometry."""

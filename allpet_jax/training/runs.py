@@ -71,6 +71,10 @@ def check_config(config, device_count: int, process_count: int = 1) -> None:
     _require(not paired or tasks.is_paired(d.task), "data.task", f"a paired task ({tasks.PAIRED_TASKS}) for the "
              f"stages {paired}, which learn source -> target", d.task)
     _require(d.source in ("simulated", "files"), "data.source", "'simulated' or 'files'", d.source)
+    tma_map = config.tma.get("map", "segmented")
+    _require(tma_map in ("segmented", "oracle"), "tma.map", "'segmented' or 'oracle'", tma_map)
+    _require(tma_map != "oracle" or d.source == "simulated", "tma.map", "'segmented' for users' files (the "
+             "oracle reads the simulator's lesion labels)", tma_map)
     try:
         _check_builders(config, names)
     except ConfigError:

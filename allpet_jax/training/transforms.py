@@ -1,8 +1,9 @@
 """Batch transforms the train step needs from the data pipeline: the TMA sinogram attention map.
 
 `TmaTransform` adds `tma` `(B, n_angles, n_bins)` in [0, 1]: the FBP of channel 0 of the configured
-sinogram is segmented without learned parameters (`allpet_jax.attention`), edited with the clinician
-ROIs of `config.tma` (`allpet_jax.rois`), and forward-projected. It runs once per batch, jitted, on the
+sinogram is segmented without learned parameters (`allpet_jax.attention`; or, with `tma.map='oracle'`,
+the simulator's lesion labels stand in for the segmentation), edited with the clinician ROIs of
+`config.tma` (`allpet_jax.rois`), and forward-projected. It runs once per batch, jitted, on the
 host CPU, before the batch reaches the model.
 
 Every length of the rule and of the ROIs is in mm, so each sample is segmented in its own physical
@@ -21,7 +22,7 @@ import numpy as np
 
 import radon
 from allpet_jax import attention, rois
-from allpet_jax.data import pipeline
+from allpet_jax.data import phantoms, pipeline
 
 
 class TmaTransform:
@@ -32,6 +33,12 @@ class TmaTransform:
         self.tma_config = attention.TmaConfig.from_config(config.tma)
         self.rois = rois.rois_from_config(config.tma)
         self.key = config.tma.sinogram_key
+        self.map = config.tma.get("map", "segmented")
+        if self.map not in TMA_MAPS:
+            raise ValueError(f"config.tma.map must be one of {TMA_MAPS}; got {self.map!r}")
+        if self.map == "oracle" and config.data.source != "simulated":
+            raise ValueError("config.tma.map='oracle' reads the simulator's lesion labels; users' files carry none "
+                             "(use 'segmented')")
         self._edits = {}  # geometry -> jitted `_edited_sinogram_attention`
         for geom in pipeline.sample_geometries(config.data):  # ROI errors show at start-up, not mid-epoch
             self._edit(geom)
@@ -44,13 +51,19 @@ class TmaTransform:
         return [pipeline.sample_geometry(self.data, r) for r in regions]
 
     def __call__(self, batch: dict) -> dict:
-        maps = self.image_maps(batch)
-        if not self.rois:
-            return dict(batch, tma=maps["sino_attention"])
+        if self.map == "oracle":
+            if batch.get("labels") is None:
+                raise ValueError("config.tma.map='oracle' needs the batch's lesion labels ('labels', from the simulator)")
+            image_attention = oracle_attention(batch["labels"])
+        else:
+            maps = self.image_maps(batch)
+            if not self.rois:
+                return dict(batch, tma=maps["sino_attention"])
+            image_attention = maps["attention"]
         labels = batch.get("labels") if any(r.kind == "label" for r in self.rois) else None
         with jax.default_device(jax.devices("cpu")[0]):
             edit = lambda geom, *rows: self._edit(geom)(*rows)
-            tma = by_geometry(edit, self.geometries(batch), maps["attention"], labels)
+            tma = by_geometry(edit, self.geometries(batch), image_attention, labels)
         return dict(batch, tma=tma)
 
     def image_maps(self, batch: dict, key: str | None = None) -> dict:
@@ -71,6 +84,15 @@ class TmaTransform:
 
     def __repr__(self) -> str:
         return f"TmaTransform(key={self.key!r}, rois={len(self.rois)}, geometries={len(self._edits)})"
+
+
+TMA_MAPS = ("segmented", "oracle")
+
+
+def oracle_attention(labels) -> np.ndarray:
+    """The oracle image attention of label maps `(B, H, W)`: 1 on hot and cold lesion pixels, 0 elsewhere."""
+    lesion_ids = [phantoms.LABEL_IDS["lesion_hot"], phantoms.LABEL_IDS["lesion_cold"]]
+    return np.isin(np.asarray(labels), lesion_ids).astype(np.float32)
 
 
 def by_geometry(fn: Callable, geoms: Sequence[radon.Geometry], *arrays):
