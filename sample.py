@@ -48,6 +48,8 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     into = {"flag_values": flag_values}
     flags.DEFINE_string("workdir", "", "training run directory (holds autoencoder/, foundation/, task/, ...)", **into)
     flags.DEFINE_string("checkpoint", "", "a stage directory (WORKDIR/<stage>) instead of --workdir", **into)
+    flags.DEFINE_string("pretrained", "", "exported weights instead of a run: a name in weights/ (e.g. "
+                                          "workstation_foundation) or an .npz path (allpet_jax/export.py)", **into)
     flags.DEFINE_string("stage", "", "stage under --workdir: default foundation (synthesis) or task; 'regressor' or "
                                       "'pixel_regressor'", **into)
     flags.DEFINE_string("task", tasks.LOW_DOSE, "the task; must be the one the checkpoint was trained for", **into)
@@ -88,13 +90,16 @@ def main(argv, flag_values: flags.FlagValues = FLAGS):
     if flag_values.num_samples < 1 or flag_values.num_inputs < 1 or flag_values.steps < 1:
         raise app.UsageError(f"--num_samples, --num_inputs and --steps must be >= 1; got {flag_values.num_samples}, "
                              f"{flag_values.num_inputs} and {flag_values.steps}")
-    if not (flag_values.workdir or flag_values.checkpoint):
-        raise ValueError("give --workdir (a training run) or --checkpoint (a stage directory)")
-    run_dir = flag_values.workdir or os.path.dirname(os.path.abspath(flag_values.checkpoint))
+    if sum(map(bool, (flag_values.workdir or flag_values.checkpoint, flag_values.pretrained))) != 1:
+        raise ValueError("give one of --workdir (a training run), --checkpoint (a stage directory) or --pretrained "
+                         "(exported weights, e.g. workstation_foundation)")
+    run_dir = (flag_values.workdir or os.path.dirname(os.path.abspath(flag_values.checkpoint)) if not flag_values.pretrained
+               else os.path.join(sampling.PRETRAINED_OUT, os.path.basename(flag_values.pretrained).removesuffix(".npz")))
     # Checked now, not after minutes of sampling: a refusal costs nothing and touches nothing.
     out = atomic_write.check_output_dir(flag_values.out or os.path.join(run_dir, "samples", flag_values.task), TOOL,
                                         replace=flag_values.overwrite)
-    trained = sampling.load_for_task(flag_values.task, flag_values.workdir, flag_values.checkpoint, flag_values.stage)
+    trained = sampling.load_for_task(flag_values.task, flag_values.workdir, flag_values.checkpoint, flag_values.stage,
+                                     pretrained=flag_values.pretrained)
     synthesis = not tasks.is_paired(flag_values.task)
     if (flag_values.n_angles or flag_values.n_bins) and not synthesis:
         raise app.UsageError("--n_angles/--n_bins set the geometry of synthesis; paired tasks keep the input's")

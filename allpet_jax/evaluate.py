@@ -498,6 +498,8 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     into = {"flag_values": flag_values}
     flags.DEFINE_string("workdir", "", "training run directory", **into)
     flags.DEFINE_string("checkpoint", "", "a stage directory instead of --workdir (no regressor rows then)", **into)
+    flags.DEFINE_string("pretrained", "", "exported weights instead of a run (weights/<name>.npz or a path; no "
+                                          "regressor or zero-pair rows then)", **into)
     flags.DEFINE_string("task", tasks.LOW_DOSE, "the task to score", **into)
     flags.DEFINE_integer("num_inputs", 0, "N, the test samples scored (default: the run's data.n_test; 256 in the cpu "
                                           "preset); each gets --num_samples samples", **into)
@@ -531,11 +533,14 @@ def main(argv, flag_values: flags.FlagValues = FLAGS):
     if flag_values.dose and (flag_values.task != tasks.LOW_DOSE or not 0 < flag_values.dose <= 1):
         raise ValueError(f"--dose must be a dose fraction in (0, 1] for --task {tasks.LOW_DOSE}; got "
                          f"--dose {flag_values.dose:g} for --task {flag_values.task}")
-    trained = sampling.load_for_task(flag_values.task, flag_values.workdir, flag_values.checkpoint, best=True)
+    trained = sampling.load_for_task(flag_values.task, flag_values.workdir, flag_values.checkpoint, best=True,
+                                     pretrained=flag_values.pretrained)
     if flag_values.dose:
         trained = at_dose(trained, flag_values.dose)
-    out = flag_values.out or os.path.join(flag_values.workdir or os.path.dirname(trained.directory), "eval",
-                                          flag_values.task)
+    run_dir = flag_values.workdir or os.path.dirname(trained.directory)
+    if flag_values.pretrained:
+        run_dir = os.path.join(sampling.PRETRAINED_OUT, os.path.basename(flag_values.pretrained).removesuffix(".npz"))
+    out = flag_values.out or os.path.join(run_dir, "eval", flag_values.task)
     # Before minutes of sampling: a --out holding files evaluate did not write is refused untouched, and an
     # unwritable one fails now.
     from allpet_jax.atomic_write import claim_output_dir

@@ -38,17 +38,28 @@ from allpet_jax.data.phantoms import REGIONS
 from allpet_jax.training import checkpointing, runs
 
 
+PRETRAINED_OUT = "allpet_outputs"
+"""Where sample.py and evaluate write by default for --pretrained weights: <cwd>/allpet_outputs/<name>/..."""
+
+
 def load_for_task(task: str, workdir: str = "", checkpoint: str = "", stage: str = "",
-                  best: bool = False) -> runs.TrainedStage:
+                  best: bool = False, pretrained: str = "") -> runs.TrainedStage:
     """The trained stage that runs `task`: `checkpoint` (a stage directory) if given, else
     `workdir/<stage>` with `stage` defaulting to the one that serves the task (`tasks.STAGE_OF_TASK`:
     `foundation` for synthesis, `task` otherwise); with `best`, its checkpoint with the best validation
-    metric instead of the latest (`runs.load_trained`)."""
+    metric instead of the latest (`runs.load_trained`); or the exported weights `pretrained` (`export.load`)."""
     tasks.task_id(task)  # an unknown name fails here, with the list of tasks
-    if not (workdir or checkpoint):
-        raise ValueError("give --workdir (a training run) or --checkpoint (a stage directory)")
-    directory = checkpoint or os.path.join(workdir, stage or tasks.STAGE_OF_TASK[task])
-    trained = runs.load_trained(directory, best=best)
+    if sum(map(bool, (workdir or checkpoint, pretrained))) != 1:
+        raise ValueError("give one of --workdir (a training run), --checkpoint (a stage directory) or --pretrained "
+                         "(exported weights)")
+    if pretrained:
+        from allpet_jax import export
+
+        trained = export.load(pretrained)
+        directory = trained.directory
+    else:
+        directory = checkpoint or os.path.join(workdir, stage or tasks.STAGE_OF_TASK[task])
+        trained = runs.load_trained(directory, best=best)
     if trained.name == "autoencoder":
         raise checkpointing.CheckpointMismatchError(
             f"{directory} holds the autoencoder stage, which does not generate; pass a foundation, task or "

@@ -277,6 +277,19 @@ def best_validated_step(directory: str, steps, metric: str, mode: str) -> int | 
     return (max if mode == "max" else min)(values, key=values.get)
 
 
+def build_trained_stage(cfg, meta: dict) -> stages.Stage:
+    """The stage a checkpoint's `config` and `meta` describe, freshly initialised (to restore into)."""
+    name = meta["stage"]
+    channels = meta.get("channels", {"target": 1, "source": 1})
+    if name == "autoencoder":
+        return stages.autoencoder_stage(cfg, cfg.seed)
+    if name == pixel_regressor.NAME:  # no autoencoder
+        return pixel_regressor.pixel_regressor_stage(cfg, channels["target"], channels["source"], cfg.seed)
+    ae = stages.autoencoder_stage(cfg, cfg.seed)
+    return stages.diffusion_stage(name, cfg, ae.graphdef, ae.params, 1.0, channels["target"], channels["source"],
+                                  cfg.seed)
+
+
 def load_trained(directory: str, step: int | None = None, best: bool = False) -> TrainedStage:
     """The stage trained in `directory` (a `WORKDIR/<stage>` with checkpoints), at `step` (default latest;
     with `best`, the checkpoint with the best validation metric of the stage, `Stage.best_metric`, as
@@ -298,15 +311,7 @@ def load_trained(directory: str, step: int | None = None, best: bool = False) ->
         config_json, meta = checkpointing.read_config_and_meta(manager, latest if step is None else step)
         cfg = ml_collections.ConfigDict(config_json)
         name = meta["stage"]
-        channels = meta.get("channels", {"target": 1, "source": 1})
-        if name == "autoencoder":
-            stage_obj = stages.autoencoder_stage(cfg, cfg.seed)
-        elif name == pixel_regressor.NAME:  # no autoencoder
-            stage_obj = pixel_regressor.pixel_regressor_stage(cfg, channels["target"], channels["source"], cfg.seed)
-        else:
-            ae = stages.autoencoder_stage(cfg, cfg.seed)
-            stage_obj = stages.diffusion_stage(name, cfg, ae.graphdef, ae.params, 1.0, channels["target"],
-                                               channels["source"], cfg.seed)
+        stage_obj = build_trained_stage(cfg, meta)
         if step is None:
             saved = set(manager.all_steps())
             step = best_validated_step(directory, saved, *stage_obj.best_metric) if best else None
