@@ -2,10 +2,15 @@
 
 The benchmark's training loop is left to the benchmark itself (`--quick` compiles two train steps, a
 minute on 2 cores); these checks cover what its table is computed from, in a few seconds.
+
+benchmarks/gpu_check.sh, the prepared GPU-machine check, runs once end to end at the smoke preset (slow).
 """
 
 import importlib.util
+import json
 import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -78,3 +83,22 @@ def test_score_of_a_scaled_reconstruction(bench):
                                            rel=1e-4)
     assert r["n_lesions"] == 3
     np.testing.assert_allclose(r["kept"], 0.9, rtol=1e-4)  # quartiles, per filter
+
+
+@pytest.mark.slow
+def test_gpu_check_script_at_the_smoke_preset(tmp_path):
+    """The GPU check's commands at tiny shapes on CPU: the benchmark table, then 20 foundation steps, all in its
+    log. One benchmark stage; the training ends by its steps, so a cold compilation cache only takes longer."""
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}  # the device tool's OUT would redirect the outputs
+    env.update(GPU_CHECK_PRESET="smoke", GPU_CHECK_BUDGET_S="400", GPU_CHECK_FOUNDATION_STEPS="20", SKIP_INSTALL="1", GPU_CHECK_OUT=str(tmp_path),
+               GPU_CHECK_BENCH_STAGES="autoencoder", GPU_CHECK_BENCH_S="40", GPU_CHECK_PYTHON=sys.executable,
+               JAX_PLATFORMS="cpu")
+    script = os.path.join(os.path.dirname(_PATH), "gpu_check.sh")
+    out = subprocess.run(["bash", script], capture_output=True, text=True, env=env, timeout=480)
+    log = (tmp_path / "gpu_check.log").read_text()
+    assert out.returncode == 0, log[-4000:] + out.stderr[-2000:]
+    assert "| preset | stage | devices | global batch |" in log and "| smoke | autoencoder | 1 |" in log
+    after = log[log.index("foundation/metrics.jsonl (last lines"):]
+    lines = [json.loads(line) for line in after.splitlines() if line.startswith("{")]
+    assert any(r["split"] == "train" and r["samples_per_s"] > 0 for r in lines)
+    assert log.rstrip().splitlines()[-1].startswith("gpu_check: OK; preset smoke;")

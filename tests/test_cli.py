@@ -24,6 +24,10 @@ CLIS = [
     ("allpet_jax.data.preview", ["-m", "allpet_jax.data.preview"]),
     ("allpet_jax.figures.masks_tma", ["-m", "allpet_jax.figures.masks_tma"]),
     ("allpet_jax.experiments", ["-m", "allpet_jax.experiments"]),
+    ("allpet_jax.workstation", ["-m", "allpet_jax.workstation"]),
+    ("allpet_jax.generation", ["-m", "allpet_jax.generation"]),
+    ("allpet_jax.claims", ["-m", "allpet_jax.claims"]),
+    ("allpet_jax.export", ["-m", "allpet_jax.export"]),
     ("radon.demo", ["-m", "radon.demo"]),
 ]
 
@@ -49,14 +53,16 @@ def _import_sample():
 
 
 def _modules():
-    from allpet_jax import evaluate, experiments
+    from allpet_jax import claims, evaluate, experiments, export, generation, workstation
     from allpet_jax.data import make, preview
     from allpet_jax.figures import masks_tma
     from radon import demo
 
     return {"sample.py": _import_sample(), "allpet_jax.evaluate": evaluate, "allpet_jax.data.make": make,
             "allpet_jax.data.preview": preview, "allpet_jax.figures.masks_tma": masks_tma,
-            "allpet_jax.experiments": experiments, "radon.demo": demo}
+            "allpet_jax.experiments": experiments, "allpet_jax.workstation": workstation,
+            "allpet_jax.generation": generation, "allpet_jax.claims": claims, "allpet_jax.export": export,
+            "radon.demo": demo}
 
 
 def test_every_cli_imports_into_one_process_and_defines_no_flag():
@@ -103,7 +109,7 @@ def test_a_bad_flag_is_one_line_with_exit_status_2_and_help_exits_0(prog, comman
     assert shown.returncode == 0, shown.stderr[-2000:]
     module_doc = _modules()[prog].__doc__
     assert shown.stdout.startswith(module_doc.splitlines()[0])  # the module's docstring is the usage
-    assert "--out" in shown.stdout or "--runs" in shown.stdout
+    assert "--out" in shown.stdout or "--runs" in shown.stdout or "--root" in shown.stdout
 
 
 BAD_INPUTS = {  # name: (program, how it is started, arguments (x: a path under tmp_path), what the line says)
@@ -120,6 +126,14 @@ BAD_INPUTS = {  # name: (program, how it is started, arguments (x: a path under 
                               ["--task", "dose", "--out", "x"], "flag --task=dose: value should be one of <synthesis|"),
     "experiments: unpaired task": ("allpet_jax.experiments", ["-m", "allpet_jax.experiments"],
                                    ["--runs", "x", "--tasks", "synthesis"], "--tasks must be a non-empty subset of"),
+    "workstation: unknown item": ("allpet_jax.workstation", ["-m", "allpet_jax.workstation"],
+                                  ["--root", "x", "--only", "nope"], "--only must name items of the plan"),
+    "generation: one input": ("allpet_jax.generation", ["-m", "allpet_jax.generation"],
+                              ["--workdir", "x", "--num_inputs", 1], "--num_inputs must be >= 2"),
+    "claims: no runs": ("allpet_jax.claims", ["-m", "allpet_jax.claims"], ["--root", "x"],
+                        "--root must be the directory of the workstation runs"),
+    "export: not npz": ("allpet_jax.export", ["-m", "allpet_jax.export"],
+                        ["--checkpoint", "x", "--name", "n", "--out", "x/w.txt"], "--out must be a .npz path"),
     "experiments: positional": ("allpet_jax.experiments", ["-m", "allpet_jax.experiments"], ["low_dose", "--runs", "x"],
                                 "unexpected argument(s) low_dose: every input is a --flag"),
     "demo: negative counts": ("radon.demo", ["-m", "radon.demo"], ["--counts", -1, "--out", "x"],
