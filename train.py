@@ -223,7 +223,7 @@ def run_stage(config, stage: str, workdir: str) -> dict:
             progress.set_postfix(loss=f"{float(scalars['loss']):.4f}", **{k: f"{v:.2f}" for k, v in last_val.items()})
             t0, seen = time.perf_counter(), 0
         if done % cfg.train.eval_every == 0 or done == total_steps:
-            last_val = validate(evaluate, state, val_batches, cfg.seed + done)
+            last_val = validate(evaluate, state, val_batches, cfg.seed)  # the same draws at every step: a smooth curve
             writer.write(done, last_val, split="val")
         if done % cfg.train.checkpoint_every == 0 or done == total_steps:
             checkpointing.save(manager, done, jax.device_get(state), train_iter, json.loads(cfg.to_json()), meta,
@@ -247,7 +247,9 @@ def run_stage(config, stage: str, workdir: str) -> dict:
 
 
 def validate(evaluate, state, val_batches, seed: int) -> dict:
-    """Mean of the per-batch validation metrics, computed with the EMA parameters."""
+    """Mean of the per-batch validation metrics, computed with the EMA parameters. Every validation of a run
+    draws the same diffusion times, noise and samples (keys from `seed`), so the curve moves with the model
+    only and the best checkpoint is picked on common draws."""
     rows = [jax.device_get(evaluate(state.ema, state.frozen, jax.tree.map(jnp.asarray, b), jax.random.key(seed + i)))
             for i, b in enumerate(val_batches)]
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
