@@ -356,7 +356,7 @@ def smoke_data(**overrides):
 
 
 def test_config_presets():
-    for preset, size in (("", 256), ("default", 256), ("cpu", 64), ("smoke", 32)):
+    for preset, size in (("", 256), ("default", 256), ("workstation", 64), ("cpu", 64), ("smoke", 32)):
         data = base.get_config(preset).data
         geom = pipeline.geometry_from_config(data)
         assert geom.image_shape == (size, size) and geom.n_angles == size

@@ -18,3 +18,22 @@ def test_best_validated_step_uses_the_last_line_per_step_and_skips_a_cut_line(tm
     assert runs.best_validated_step(str(tmp_path), steps, "val_psnr", "min") == 300
     assert runs.best_validated_step(str(tmp_path), steps, "val_loss", "min") is None
     assert runs.best_validated_step(str(tmp_path / "nothing"), steps, "val_psnr", "max") is None
+
+
+def test_the_foundation_draws_its_sinograms_with_the_pretraining_seed():
+    import numpy as np
+
+    from allpet_jax.data import pipeline
+    from configs import base
+
+    config = base.get_config("smoke")
+    foundation, task = runs.stage_config(config, "foundation"), runs.stage_config(config, "task")
+    assert foundation.data.seed == config.data.pretrain_seed != task.data.seed == config.data.seed
+    assert runs.recipe(foundation, "foundation")["data_seed"] == config.data.pretrain_seed  # resuming checks it
+    # so the synthesis targets are not the low_dose targets (with one seed they were the same phantoms)
+    first = [np.asarray(pipeline.make_source(c.data, "train", progress=False).read_batch([0])["image"])
+             for c in (foundation, task)]
+    assert not np.allclose(first[0], first[1])
+    old = config.copy_and_resolve_references()
+    del old.data["pretrain_seed"]  # a config saved before the field: the data seed, as it was
+    assert runs.stage_config(old, "foundation").data.seed == old.data.seed

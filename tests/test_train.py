@@ -329,7 +329,9 @@ def test_check_config_names_the_field():
              ("model.factor", 3, "factor must be 4 or 8"),
              ("model.unet_channels", (16, 32, 64, 64, 64), "unet_channels"),
              ("model.attention_levels", (4,), "attention_levels [4]"), ("diffusion.schedule", "quadratic", "schedule"),
-             ("diffusion.val_steps", 101, "diffusion.val_steps"), ("masks.count", "many", "MaskConfig.count")]
+             ("diffusion.val_steps", 101, "diffusion.val_steps"), ("masks.count", "many", "MaskConfig.count"),
+             ("data.pretrain_seed", 0, "data.pretrain_seed must be a seed other than data.seed=0"),
+             ("tma.map", "guess", "tma.map must be 'segmented' or 'oracle'")]
     for field, value, message in cases:
         config = base.get_config("smoke")
         *path, name = field.split(".")
