@@ -255,8 +255,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     elif preset == "workstation":
         # Sized by measurement (docs/RESULTS.md, "The workstation preset"), 1 process on 2 cores, batch 16
         # (benchmarks/train_bench.py): foundation 45 GFLOP/step, 15.6 samples/s; task 36, 25 samples/s; the
-        # pixel regressor's widths match the latent regressor's 36 GFLOP (37). Each stage's steps put it at its
-        # validation plateau in under an hour on 2 cores.
+        # pixel regressor's widths match the latent regressor's 36 GFLOP (37). Each stage's steps fit in about an
+        # hour on 2 cores; whether it plateaus there, its learning curve says (docs/WORKSTATION.md).
         model.ae_channels = (16, 32, 32)
         model.latent_channels = 8  # keeps hot-lesion contrast (0.995 vs 0.86 with 4)
         model.unet_channels = (64, 128)
