@@ -117,6 +117,10 @@ def generation_table(results: dict) -> tuple[str, str]:
             floor = floor or runs[0]["fresh real sinograms"]
     if floor:
         lines.append("| fresh real sinograms (the floor) | - | " + " | ".join(f"{floor[k]:.3g}" for k, _ in GENERATION_KEYS) + " |")
+    ceilings = [r["autoencoder ceiling"] for runs in results.values() for r in runs if "autoencoder ceiling" in r]
+    if ceilings:
+        lines.append("| autoencoder D(E(real)) (a latent model's ceiling) | - | " +
+                     " | ".join(f"{ceilings[0][k]:.3g}" for k, _ in GENERATION_KEYS) + " |")
     rmas, plain, big = (np.array([r["model"][k] for r in results[a]], float)
                         for a, k in (("500 + RMAS/DMM", "frechet"), ("500, no masks", "frechet"), ("5000, no masks", "frechet")))
     if not (len(rmas) and len(big) and len(plain)):

@@ -20,6 +20,10 @@ and know nothing of PET):
 feature vectors, each feature divided by the root mean of its two within-set variances (unit-free).
 `validate_features` checks that it separates real sinograms from slightly degraded ones (RESULTS.md).
 
+Two reference rows come with every score: fresh real sinograms (the floor: what a perfect generator scores) and
+the same sinograms through the model's autoencoder, `D(E(x))` (the ceiling of a latent model: its decoder's
+artefacts, such as 4x4 blocks, are in every sample it can draw).
+
 **Memorisation** (`memorisation_ratio`): for each generated sinogram, the distance to its nearest neighbour
 in the training set over the distance to its nearest neighbour in a held-out set of the same size (both
 simulated with the model's own data config; sinograms compared after division by their total counts, so the
@@ -236,19 +240,24 @@ def main(argv, flag_values: flags.FlagValues = FLAGS) -> None:
     os.replace(samples_path + ".tmp", samples_path)
     real = held["target"][:n, 0]
     result = score(generated, real, train, held["target"][:n_train, 0], geom)
-    reference = score(sampling.simulated_inputs(trained, n, "test", start=max(n, n_train))["target"][:, 0], real,
-                      train, held["target"][:n_train, 0], geom)  # fresh real sinograms: the floor of each score
+    fresh = sampling.simulated_inputs(trained, n, "test", start=max(n, n_train))["target"]
+    reference = score(fresh[:, 0], real, train, held["target"][:n_train, 0], geom)  # the floor of each score
+    # the ceiling of a latent model: fresh real sinograms through the autoencoder, D(E(x))
+    from allpet_jax.evaluate import autoencoder_roundtrip
+
+    ceiling = score(autoencoder_roundtrip(trained, fresh)[:, 0], real, train, held["target"][:n_train, 0], geom)
     grid(generated, real, geom, os.path.join(out, "grid.png"),
          f"{flag_values.workdir}: foundation step {trained.step}, DDIM {flag_values.steps}")
     record = {"workdir": flag_values.workdir, "step": trained.step, "n": n, "n_train": n_train,
               "steps": flag_values.steps, "generate_s": generate_s, "wall_s": time.perf_counter() - t0,
-              "model": result, "fresh real sinograms": reference,
+              "model": result, "fresh real sinograms": reference, "autoencoder ceiling": ceiling,
               "command": "python -m allpet_jax.generation " + " ".join(sys.argv[1:])}
     write_text(os.path.join(out, "results.json"), json.dumps(record, indent=1))
     keys = ("frechet", "hl_residual", "range_residual", "negative_fraction", "memorisation_median",
             "memorisation_below_0.8")
     lines = ["| set | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
-    for name, r in (("generated", result), ("fresh real (floor)", reference)):
+    for name, r in (("generated", result), ("fresh real (floor)", reference),
+                    ("autoencoder D(E(fresh real)) (ceiling)", ceiling)):
         lines.append(f"| {name} | " + " | ".join(f"{r[k]:.4g}" for k in keys) + " |")
     write_text(os.path.join(out, "results.md"), f"`{record['command']}` (step {trained.step}, {n} samples)\n\n"
                + "\n".join(lines) + "\n")
