@@ -3,6 +3,7 @@ sampling from the file reproduces the checkpoint's samples, and a wrong file is 
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -78,3 +79,18 @@ def test_a_wrong_file_is_one_clear_error(tmp_path):
         export.load(str(tmp_path / "bent.npz"))
     with pytest.raises(ValueError, match="one of --workdir"):
         sampling.load_for_task("synthesis", workdir="/x", pretrained=path)
+
+
+def test_the_shipped_weights_load_and_sample():
+    """weights/*.npz still fit the code: every parameter found with its shape, and a sample drawn."""
+    names = sorted(f[:-4] for f in os.listdir(export.WEIGHTS_DIR) if f.endswith(".npz"))
+    assert names, "no weights shipped in weights/"
+    for name in names:
+        trained = export.load(name)
+        assert trained.meta["format"] == export.FORMAT and trained.config.preset == "workstation"
+        if trained.name == "foundation":
+            geom = sampling.geometry_of(trained)
+            batch = sampling.model_batch(trained, {"prompt": np.array([[0, 0, 0]], np.int32),
+                                                   "geometry_only": np.zeros((1, 1) + geom.sino_shape, np.float32)})
+            out = sampling.generate(trained, batch, jax.random.key(0), num_steps=2, progress=False)
+            assert out.shape == (1, 1, 1) + geom.sino_shape and np.isfinite(out).all()
