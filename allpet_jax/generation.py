@@ -88,13 +88,9 @@ def generation_features(sinos, geom: radon.Geometry) -> np.ndarray:
 
 
 def frechet(generated_features, reference_features) -> float:
-    """Frechet distance between the Gaussians of two feature sets `(N, F)`, `(M, F)`, features scaled to unit
-    pooled within-set standard deviation (`metrics.sample_statistics_distance`'s convention)."""
-    g, r = np.asarray(generated_features, np.float64), np.asarray(reference_features, np.float64)
-    scale = np.sqrt(0.5 * (g.var(axis=0, ddof=1) + r.var(axis=0, ddof=1)))
-    scale = np.where(scale > 0, scale, 1.0)
-    g, r = g / scale, r / scale
-    return metrics.frechet_distance(g.mean(0), np.cov(g, rowvar=False), r.mean(0), np.cov(r, rowvar=False))
+    """Frechet distance of two feature sets (`metrics.feature_frechet_distance`, features scaled to unit
+    pooled within-set standard deviation)."""
+    return metrics.feature_frechet_distance(generated_features, reference_features)
 
 
 def _unit_total(x) -> np.ndarray:
@@ -196,8 +192,7 @@ def grid(generated, real, geom: radon.Geometry, path: str, title: str, n: int = 
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(title)
-    plots.save_figure(fig, path)
-    plt.close(fig)
+    plots.save_figure(fig, path)  # closes the figure
 
 
 FLAGS = flags.FLAGS

@@ -482,8 +482,14 @@ def sample_statistics_distance(generated, reference) -> float:
         )
     if g.shape[0] < 2 or r.shape[0] < 2:
         raise ValueError(f"each set needs at least 2 sinograms to fit a covariance; got {g.shape[0]} and {r.shape[0]}")
-    fg = sinogram_features(g).reshape(g.shape[0], -1)
-    fr = sinogram_features(r).reshape(r.shape[0], -1)
+    return feature_frechet_distance(sinogram_features(g).reshape(g.shape[0], -1),
+                                    sinogram_features(r).reshape(r.shape[0], -1))
+
+
+def feature_frechet_distance(generated_features, reference_features) -> float:
+    """`frechet_distance` between the Gaussians of two feature sets `(N, F)`, `(M, F)`, every feature divided
+    by the root mean of its two within-set variances (1 where both are 0): unit-free and symmetric."""
+    fg, fr = np.asarray(generated_features, np.float64), np.asarray(reference_features, np.float64)
     scale = np.sqrt(0.5 * (fg.var(axis=0, ddof=1) + fr.var(axis=0, ddof=1)))
     scale = np.where(scale > 0, scale, 1.0)
     fg, fr = fg / scale, fr / scale
