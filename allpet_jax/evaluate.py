@@ -51,7 +51,9 @@ clean count of the sample; coverage of the clean target by the central 90 % inte
 calibrated K-member ensemble scores `metrics.calibrated_coverage(K)`, 0.882 at K = 16); the
 correlation of the per-bin standard deviation with the absolute error of the mean; and one sample's
 sinogram PSNR against what a calibrated sampler would give it, `10 log10(2K / (K + 1))` dB below the
-mean of K (`calibration_gap`; 0 is calibrated).
+mean of K (`calibration_gap`; 0 is calibrated). results.json also keeps each posterior row's rank
+histogram (`rank_histograms`: the share of bins whose clean truth has rank 0..K among the K samples,
+`metrics.rank_histogram`, averaged over the test samples; flat at 1/(K+1) when calibrated).
 
 **Differences**: every method minus the reference baseline (the pixel regressor when trained, else the
 identity), per test sample, as the mean with its 95 % paired bootstrap interval.
@@ -331,7 +333,7 @@ def evaluate_paired(trained, workdir: str, n: int, sampler, steps: int, num_samp
     task = trained.meta["task"]
 
     # every row's prediction on both splits: sinograms (N, C, A, B) in counts, or images for the clinical rows
-    sinograms, images, posterior, timings, steps_used = {}, {}, {}, {}, {}
+    sinograms, images, posterior, timings, steps_used, rank_histograms = {}, {}, {}, {}, {}, {}
     sinograms[CEILING_NOISY] = {s: np.asarray(x["target"], np.float32) for s, x in splits.items()}
     sinograms[CEILING_AE] = {s: autoencoder_roundtrip(trained, x["target_clean"]) for s, x in splits.items()}
     sinograms["identity"] = {s: np.asarray(latent.match_channels(np.asarray(x["source"]) * to_target, channels))
@@ -382,6 +384,8 @@ def evaluate_paired(trained, workdir: str, n: int, sampler, steps: int, num_samp
                 sinograms.setdefault(f"{label}, mean of {k}", {})[split] = out.mean(axis=0)
                 if split == "test":
                     posterior[f"{label}, mean of {k}"] = score_posterior(out, test)
+                    rank_histograms[f"{label}, mean of {k}"] = metrics.rank_histogram(
+                        out, np.asarray(test["target_clean"], np.float32)).mean(axis=0).tolist()
     images[FULL_DOSE] = {s: {"osem": sampling.clinical_osem(
         x["target_prompts"], geom, normalisation=x["normalisation"], attenuation=x["attenuation"],
         scatter=x["target_scatter"], randoms=x["target_randoms"])
@@ -404,7 +408,7 @@ def evaluate_paired(trained, workdir: str, n: int, sampler, steps: int, num_samp
     reference = "pixel U-Net regressor" if "pixel U-Net regressor" in rows else "identity"
     return {"rows": rows, "reference": reference, "deltas": paired_deltas(rows, reference, jax.random.key(seed)),
             "num_samples": num_samples, "post_filter_sigma_px": sigmas, "generate_s": timings,
-            "checkpoint_steps": steps_used}
+            "checkpoint_steps": steps_used, "rank_histograms": rank_histograms}
 
 
 def evaluate_synthesis(trained, n: int, sampler, steps: int, seed: int, progress: bool = True,

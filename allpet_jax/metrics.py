@@ -593,6 +593,19 @@ def calibrated_coverage(num_samples: int, level: float = 0.9) -> float:
     return (hi - lo) / (K + 1)
 
 
+def rank_histogram(samples, truth) -> np.ndarray:
+    """The rank histogram (Talagrand diagram) of each sample: `(K, B, ...)`, `(B, ...)` -> `(B, K + 1)`,
+    the fraction of bins whose truth has rank r = 0..K among the K members (the number of members below
+    it; a tie counts half below). For a calibrated ensemble every rank has probability 1 / (K + 1); a
+    U shape means the samples are too narrow, a hump too wide, a slope a bias."""
+    x, y = _ensemble("rank_histogram", samples, truth)
+    K, B = x.shape[0], y.shape[0]
+    below = np.sum(x < y, axis=0) + 0.5 * np.sum(x == y, axis=0)
+    rank = np.floor(below + 0.5).astype(np.int64).reshape(B, -1)  # a half rank (one tie) rounds up
+    counts = np.stack([np.bincount(r, minlength=K + 1) for r in rank])
+    return counts / rank.shape[1]
+
+
 def spread_error_correlation(samples, truth):
     """Pearson correlation, over the bins of each sample, between the ensemble's per-bin standard
     deviation and the absolute error of its mean: `(K, B, ...)`, `(B, ...)` -> `(B,)`. Near 1 when the

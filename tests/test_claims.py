@@ -54,3 +54,72 @@ def test_tma_verdict(tmp_path):
     assert verdict.startswith("**does not hold**") and "segmentation is the gap, -0.100" in verdict
     expected = f"| oracle attention | 400 | {np.mean(off) - 0.1:.3f} | -0.100 [-0.100, -0.100] | +0.00 / 0.00 (n 400) | - |"
     assert expected in table
+
+
+def test_generation_verdict_when_no_arm_copies():
+    # Neither 500 arm copies its training set (ratios near the real sinograms' 1.0): the Frechet half can
+    # hold, the memorisation half cannot show, and the verdict says so.
+    none_copy = {"500 + RMAS/DMM": [_generation(f, 0.99) for f in (5.0, 6.0, 7.0)],
+                 "500, no masks": [_generation(f, 0.98) for f in (9.0, 10.0, 11.0)],
+                 "5000, no masks": [_generation(6.5, 1.0)]}
+    verdict = claims.generation_table(none_copy)[1]
+    assert verdict.startswith("**holds in part**") and "cannot show" in verdict
+
+
+def _low_dose_result(model_psnr, clinical_psnr, k=8):
+    model, clinical = f"ALL-PET (ddim 20), mean of {k}", "source: FBP / clinical OSEM + Gaussian (val-tuned)"
+    summary = {clinical: {"osem_psnr": {"mean": float(np.mean(clinical_psnr))}, "crps": {"mean": 0.3}},
+               model: {"osem_psnr": {"mean": float(np.mean(model_psnr))}, "crps": {"mean": 0.125},
+                       "coverage90": {"mean": 0.61}}}
+    return {"n": len(model_psnr), "num_samples": k, "summary": summary,
+            "per_sample": {clinical: {"osem_psnr": list(clinical_psnr)}, model: {"osem_psnr": list(model_psnr)}},
+            "rank_histograms": {model: [0.3] + [0.4 / (k - 1)] * (k - 1) + [0.3]}}
+
+
+def test_downstream_verdict_posterior_cells_and_calibration_figure(tmp_path):
+    rng = np.random.default_rng(1)
+    clinical = 20 + rng.normal(size=256)
+    out = tmp_path / "ds500" / "eval" / "low_dose_drf20"
+    os.makedirs(out)
+    (out / "results.json").write_text(json.dumps(_low_dose_result(clinical + 4.0 + 0.1 * rng.normal(size=256), clinical)))
+    table, verdict = claims.downstream_table(str(tmp_path))
+    assert verdict.startswith("**holds**") and "+4.0" in verdict
+    # 90 % coverage of 8 samples next to a calibrated 8-member ensemble's, 7/9 = 0.78 (metrics.calibrated_coverage)
+    assert "| +5.45 | 0.125 | 0.61 (0.78) |" in table
+    assert "| 500 pairs, from scratch | 20 | pending |" in table
+    (out / "results.json").write_text(json.dumps(_low_dose_result(clinical + 2.0 + 0.1 * rng.normal(size=256), clinical)))
+    assert claims.downstream_table(str(tmp_path))[1].startswith("**does not hold**")
+    assert claims.calibration_figure(str(tmp_path / "none"), str(tmp_path / "c.png")) is None
+    assert os.path.getsize(claims.calibration_figure(str(tmp_path), str(tmp_path / "c.png"))) > 5000
+
+
+def test_tma_segmentation_counts_against_the_labels(monkeypatch, tmp_path):
+    from allpet_jax.data import phantoms
+    from allpet_jax.training import transforms
+    from configs import base
+
+    config = base.get_config("smoke")
+    config.data.task = "low_dose"
+    hot_id, cold_id = phantoms.LABEL_IDS["lesion_hot"], phantoms.LABEL_IDS["lesion_cold"]
+
+    def oracle(self, batch):  # a segmentation that is exactly the labels scores 1 everywhere and 0 off lesions
+        labels = np.asarray(batch["labels"]).reshape(len(batch["labels"]), 32, 32)
+        lesion = np.isin(labels, [hot_id, cold_id])
+        return {"hyper": labels == hot_id, "hypo": labels == cold_id, "attention": lesion.astype(np.float32),
+                "body": labels > 0, "image": np.asarray(batch["image"]).reshape(labels.shape)}
+
+    monkeypatch.setattr(transforms.TmaTransform, "image_maps", oracle)
+    s = claims.tma_segmentation(config, n=3, radius_px=1.5, shown=2)
+    for key in ("recall", "recall_hot", "precision", "dice", "slices_touched", "attention_lesion"):
+        assert s[key] == 1.0, key
+    assert s["attention_background"] == 0.0 and s["shown"]["attention"].shape == (2, 32, 32)
+    assert os.path.getsize(claims.tma_figure(s, str(tmp_path / "t.png"))) > 5000
+    assert "flags 100% of lesion pixels" in claims.segmentation_text(s)
+
+    def swapped(self, batch):  # hot flagged as hypo and cold as hyper: every lesion pixel is flagged, by the wrong kind
+        maps = oracle(self, batch)
+        return dict(maps, hyper=maps["hypo"], hypo=maps["hyper"])
+
+    monkeypatch.setattr(transforms.TmaTransform, "image_maps", swapped)
+    s = claims.tma_segmentation(config, n=3, radius_px=1.5)
+    assert s["recall"] == 1.0 and s["recall_hot"] == 0.0 and s["recall_cold"] == 0.0

@@ -344,6 +344,26 @@ def test_interval_coverage_of_a_calibrated_and_an_overconfident_ensemble():
     np.testing.assert_allclose(many, 0.9, atol=0.015)
 
 
+def test_rank_histogram_against_scipy_ranks_and_its_calibrated_shapes():
+    import scipy.stats
+
+    rng = np.random.default_rng(4)
+    # Against scipy's average ranks of [truth, members] per bin, ties included (values on a coarse grid).
+    x, y = np.round(rng.normal(size=(8, 2, 300)) * 2) / 2, np.round(rng.normal(size=(2, 300)) * 2) / 2
+    ranks = scipy.stats.rankdata(np.concatenate([y[None], x]), axis=0, method="average")[0] - 1  # members below
+    expected = np.stack([np.bincount(np.floor(r + 0.5).astype(int), minlength=9) / 300 for r in ranks])
+    np.testing.assert_allclose(metrics.rank_histogram(x, y), expected)
+    assert metrics.rank_histogram(x, y).shape == (2, 9)
+    # Calibrated: flat at 1/(K+1) (binomial sd at 40000 bins is 0.0014); 3x too narrow: a U; biased: a slope.
+    truth = rng.normal(size=(1, 40000))
+    flat = metrics.rank_histogram(rng.normal(size=(8, 1, 40000)), truth)[0]
+    np.testing.assert_allclose(flat, 1 / 9, atol=0.006)
+    narrow = metrics.rank_histogram(rng.normal(scale=1 / 3, size=(8, 1, 40000)), truth)[0]
+    assert narrow[0] > 0.25 and narrow[-1] > 0.25 and narrow[4] < 0.06
+    high = metrics.rank_histogram(rng.normal(loc=1.0, size=(8, 1, 40000)), truth)[0]
+    assert high[0] > 3 * high[-1]
+
+
 def test_spread_error_correlation_sees_whether_the_spread_follows_the_error():
     rng = np.random.default_rng(2)
     sigma = np.exp(rng.normal(size=(3, 4000)))  # per-bin uncertainty that varies over the bins

@@ -202,6 +202,10 @@ def test_evaluate_scores_every_method(smoke_run, tmp_path):
     assert np.isfinite(rows[f"{model}, one sample"]["osem_ssim"]["mean"])
     assert "sino_psnr" not in rows["full-dose clinical OSEM (reference)"]  # image space only
     assert 0 <= rows[f"{model}, mean of 3"]["coverage90"]["mean"] <= 1
+    # One rank histogram (K + 1 = 4 ranks, shares summing to 1) per posterior row, none for the regressors.
+    histograms = record["rank_histograms"]
+    assert set(histograms) == {name for name in rows if name.endswith("mean of 3")}
+    assert all(len(h) == 4 and sum(h) == pytest.approx(1.0) for h in histograms.values())
     # Scored against the clean target: the noisy target is then no longer a perfect score, but the clean
     # target's own autoencoder round trip is the better ceiling whenever the autoencoder beats the noise.
     assert np.isfinite(rows["ceiling: noisy target (a perfect single sample)"]["sino_psnr"]["mean"])
