@@ -94,3 +94,12 @@ def test_the_shipped_weights_load_and_sample():
                                                    "geometry_only": np.zeros((1, 1) + geom.sino_shape, np.float32)})
             out = sampling.generate(trained, batch, jax.random.key(0), num_steps=2, progress=False)
             assert out.shape == (1, 1, 1) + geom.sino_shape and np.isfinite(out).all()
+        else:  # a task model: one simulated test input, denoised, closer to its clean target than the input is
+            x = sampling.simulated_inputs(trained, 1)
+            out = sampling.generate(trained, sampling.model_batch(trained, x), jax.random.key(0), num_steps=10,
+                                    progress=False)[0]
+            assert out.shape == x["target_clean"].shape and np.isfinite(out).all()
+            norm = trained.normalisation  # the identity: the source at the target's count level
+            source = np.asarray(x["source"], np.float32) * norm.target_scale / norm.source_scale
+            clean = np.asarray(x["target_clean"], np.float32)
+            assert np.mean((out - clean) ** 2) < np.mean((source - clean) ** 2)
