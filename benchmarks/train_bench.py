@@ -14,7 +14,14 @@ pipeline has its own benchmark), maps the step over a mesh of `n` devices with `
   temporaries), the number `--config.train.memory_budget_gb` is checked against;
 - `micro for B GiB`: the split (micro-batch x count) `memory.choose_micro_batch` picks for a budget of
   B GiB per device (`--budgets_gib`, default 8; 24 is the paper's GPU), and its memory per device;
-- `samples/s`: global batch / median step time over `--steps` steps after one warm-up step.
+- `samples/s`: global batch / median step time over `--steps` steps after one warm-up step;
+- `GFLOP/s`: XLA's FLOPs per step (`GFLOP/step/device`, from `cost_analysis()`, times the devices) / the
+  same median step time, and `% of peak`: that over the best float32 sgemm rate measured at the start of
+  the run (numpy and jitted `jax.numpy`, printed above the table). Host CPU devices share one machine, so
+  their sum is set against one peak; GPUs each against their own. Above the table one line checks XLA's
+  count for a convolution against a hand count (2 FLOPs per multiply-add; taps on SAME padding are not
+  counted); `benchmarks/flop_rate.py` says what the count includes (the AdamW update and elementwise ops,
+  not transcendentals).
 
 Several devices are host CPU devices (`--xla_force_host_platform_device_count`) sharing the same cores,
 so their rows show the per-device memory falling, not a speed-up. On a GPU machine run it as is.
@@ -37,6 +44,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from allpet_jax.training import memory, pixel_regressor, stages  # noqa: E402
+from benchmarks import flop_rate  # noqa: E402
 from allpet_jax.training import step as S  # noqa: E402
 from configs import base  # noqa: E402
 
@@ -86,7 +94,7 @@ def bench(preset: str, stage: str, n_dev: int, steps: int, timed: bool, budgets=
     row = {"preset": preset, "stage": stage, "devices": n_dev, "batch": batch_size,
            "params": sum(int(np.size(x)) for x in jax.tree.leaves(stage_obj.params)),
            "mib": whole.total_bytes / 2**20, "gflop": (whole.flops or 0) / 1e9, "fits": fits,
-           "compile_s": compile_s, "samples_s": float("nan")}
+           "compile_s": compile_s, "samples_s": float("nan"), "gflop_s": float("nan")}
     if timed:
         times = []
         for i in range(steps + 1):
@@ -95,7 +103,9 @@ def bench(preset: str, stage: str, n_dev: int, steps: int, timed: bool, budgets=
             state, metrics = compiled(state, batch)
             jax.block_until_ready(metrics["loss"])
             times.append(time.perf_counter() - t0)
-        row["samples_s"] = batch_size / float(np.median(times[1:]))
+        step_s = float(np.median(times[1:]))
+        row["samples_s"] = batch_size / step_s
+        row["gflop_s"] = flop_rate.gflop_per_s(n_dev * (whole.flops or 0), step_s)
     return row
 
 
@@ -112,7 +122,12 @@ def main():
     budgets = tuple(float(b) for b in args.budgets_gib.split(","))
     print(f"backend {jax.default_backend()}, {jax.device_count()} devices ({jax.devices()[0].device_kind}); "
           f"memory per device from XLA's analysis of the compiled step\n")
+    print(flop_rate.conv_check(), flush=True)
+    peaks = flop_rate.sgemm_gflop_per_s()
+    peak = max(peaks.values())
+    print(flop_rate.describe_peak(peaks) + "\n", flush=True)
     header = ("preset", "stage", "devices", "global batch", "params", "MiB/device", "GFLOP/step/device",
+              "GFLOP/s", f"% of peak ({peak:.0f} GFLOP/s per chip)",
               *(f"micro for {b:g} GiB" for b in budgets), "compile s", "samples/s")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
@@ -122,8 +137,10 @@ def main():
                 timed = preset != "default" or args.time_default
                 r = bench(preset, stage, n_dev, args.steps, timed, budgets)
                 samples = f"{r['samples_s']:.1f}" if timed else "not timed"
+                chips = 1 if jax.default_backend() == "cpu" else n_dev  # host CPU devices share the cores
+                rate = f"{r['gflop_s']:.1f} | {100 * r['gflop_s'] / (chips * peak):.1f} %" if timed else "not timed | -"
                 print(f"| {r['preset']} | {r['stage']} | {r['devices']} | {r['batch']} | {r['params']:,} | "
-                      f"{r['mib']:.0f} | {r['gflop']:.1f} | {' | '.join(r['fits'])} | {r['compile_s']:.1f} | {samples} |",
+                      f"{r['mib']:.0f} | {r['gflop']:.1f} | {rate} | {' | '.join(r['fits'])} | {r['compile_s']:.1f} | {samples} |",
                       flush=True)
 
 
