@@ -122,7 +122,7 @@ def main():
     budgets = tuple(float(b) for b in args.budgets_gib.split(","))
     print(f"backend {jax.default_backend()}, {jax.device_count()} devices ({jax.devices()[0].device_kind}); "
           f"memory per device from XLA's analysis of the compiled step\n")
-    print(flop_rate.conv_check(), flush=True)
+    print(flop_rate.conv_check() + "\n", flush=True)
     peaks = flop_rate.sgemm_gflop_per_s()
     peak = max(peaks.values())
     print(flop_rate.describe_peak(peaks) + "\n", flush=True)

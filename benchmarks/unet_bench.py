@@ -20,7 +20,13 @@ workers run once before and once after the JAX workers, and their timings are po
 machine load shows up as a difference between the two torch passes (printed). Each worker times
 `--repeats` steps after two warm-up steps (compile, allocator, oneDNN caches) and reports the median;
 torch uses `--threads` threads, XLA its default pool (all visible cores). The table also gives our
-step's FLOPs and compiled memory from XLA's analysis. Nothing here asserts a speed.
+step's FLOPs and compiled memory from XLA's analysis, and our achieved GFLOP/s (those FLOPs / median step
+time) and its share of the machine's float32 sgemm peak, measured in this process after the workers have
+finished (numpy and jitted `jax.numpy`, 2048 x 2048; the reference rows under the table). The FLOP count
+is XLA's `cost_analysis()` of the whole jitted step, AdamW update and elementwise ops included,
+transcendentals not; one line checks it against a hand count for a convolution (`benchmarks/flop_rate.py`).
+diffusers' FLOPs are not counted (torch gives no count here), so its rate is not printed. Nothing here
+asserts a speed.
 """
 
 from __future__ import annotations
@@ -170,6 +176,10 @@ def main():
     ours = {w: run_worker("ours", w, args) for w in ours_widths}
     torch_after = {w: run_worker("theirs", w, args) for w in theirs_widths}
 
+    import flop_rate  # imports JAX: only now, so the peak is measured with the cores free of the workers
+
+    peaks = flop_rate.sgemm_gflop_per_s()
+    peak = max(peaks.values())
     B = args.batch
     first = next(iter(ours.values()))
     print()
@@ -177,16 +187,23 @@ def main():
           f"torch threads {args.threads}; {first['version']} (XLA_FLAGS={args.xla_flags!r}), "
           f"{torch_before[theirs_widths[0]]['version']}")
     print("| widths ours | widths diffusers | params ours | params diffusers | ours samples/s | diffusers samples/s "
-          "(pass 1 / pass 2) | ratio | our GFLOP/step | our memory MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"(pass 1 / pass 2) | ratio | our GFLOP/step | our GFLOP/s | % of peak ({peak:.0f} GFLOP/s) "
+          "| our memory MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for wo, wt in pairs:
         o, t1, t2 = ours[wo], torch_before[wt], torch_after[wt]
         so = B / np.median(o["times"])
+        rate = flop_rate.gflop_per_s(o["flops"], float(np.median(o["times"])))
         st = B / np.median(t1["times"] + t2["times"])
         passes = f"{B / np.median(t1['times']):.2f} / {B / np.median(t2['times']):.2f}"
         print(f"| {wo} | {wt} | {o['params'] / 1e6:.2f} M | {t1['params'] / 1e6:.2f} M | {so:.2f} | "
               f"{st:.2f} ({passes}) "
-              f"| {so / st:.2f}x | {o['flops'] / 1e9:.1f} | {o['memory'] / 2**20:.0f} |")
+              f"| {so / st:.2f}x | {o['flops'] / 1e9:.1f} | {rate:.1f} | {100 * rate / peak:.1f} % "
+              f"| {o['memory'] / 2**20:.0f} |")
+    print()
+    print(flop_rate.describe_peak(peaks))
+    print()
+    print(flop_rate.conv_check())
 
 
 if __name__ == "__main__":
