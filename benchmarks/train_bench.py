@@ -138,10 +138,11 @@ def main():
                 r = bench(preset, stage, n_dev, args.steps, timed, budgets)
                 samples = f"{r['samples_s']:.1f}" if timed else "not timed"
                 chips = 1 if jax.default_backend() == "cpu" else n_dev  # host CPU devices share the cores
-                rate = f"{r['gflop_s']:.1f} | {100 * r['gflop_s'] / (chips * peak):.1f} %" if timed else "not timed | -"
+                rate = (f"{r['gflop_s']:.1f} | {100 * r['gflop_s'] / (chips * peak):.1f} %" if timed
+                        else "not timed | -")
                 print(f"| {r['preset']} | {r['stage']} | {r['devices']} | {r['batch']} | {r['params']:,} | "
-                      f"{r['mib']:.0f} | {r['gflop']:.1f} | {rate} | {' | '.join(r['fits'])} | {r['compile_s']:.1f} | {samples} |",
-                      flush=True)
+                      f"{r['mib']:.0f} | {r['gflop']:.1f} | {rate} | {' | '.join(r['fits'])} | "
+                      f"{r['compile_s']:.1f} | {samples} |", flush=True)
 
 
 if __name__ == "__main__":

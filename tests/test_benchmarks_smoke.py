@@ -1,4 +1,5 @@
-"""benchmarks/autoencoder_psnr.py: its lesion-contrast rule and its scoring against hand calculations.
+"""benchmarks/autoencoder_psnr.py: its lesion-contrast rule and its scoring against hand calculations;
+benchmarks/flop_rate.py: the FLOP count the training benchmarks divide by, against a hand count.
 
 The benchmark's training loop is left to the benchmark itself (`--quick` compiles two train steps, a
 minute on 2 cores); these checks cover what its table is computed from, in a few seconds.
@@ -22,12 +23,36 @@ from allpet_jax.data.phantoms import LABEL_IDS
 _PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "autoencoder_psnr.py")
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("autoencoder_psnr", _PATH)
+def _load(path):
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _load(_PATH)
+
+
+@pytest.fixture(scope="module")
+def flop_rate():
+    return _load(os.path.join(os.path.dirname(_PATH), "flop_rate.py"))
+
+
+# Batch 2, 6 x 6, 3 -> 4 channels. Per axis, (output, tap) pairs inside the image: 3 x 3 SAME, 6 outputs x 3
+# taps less the 2 on the padding = 16; 3 x 3 VALID, 4 x 3 = 12; 5 x 5 SAME, 6 x 5 less 2 x (1 + 2) = 24.
+@pytest.mark.parametrize("kernel, padding, taps", [(3, "SAME", 16), (3, "VALID", 12), (5, "SAME", 24)])
+def test_conv_flops_xla_against_hand_count(flop_rate, kernel, padding, taps):
+    """XLA counts 2 FLOPs per multiply-add and leaves out the taps on SAME padding's zeros."""
+    expected = 2 * 2 * 3 * 4 * taps * taps
+    assert flop_rate.conv_hand_flops(2, 6, 6, 3, 4, kernel, padding) == expected
+    assert flop_rate.conv_xla_flops(2, 6, 6, 3, 4, kernel, padding) == expected
+
+
+def test_gflop_per_s_by_hand(flop_rate):
+    assert flop_rate.gflop_per_s(3e9, 1.5) == pytest.approx(2.0)
+    assert flop_rate.gflop_per_s(2 * 2048**3, 0.5) == pytest.approx(34.359738368)  # 2 n^3 / 0.5 s / 1e9
 
 
 def test_lesion_ring_and_contrast_by_hand(bench):
