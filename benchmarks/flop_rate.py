@@ -8,12 +8,12 @@ measured on JAX 0.10's CPU backend:
 - a multiply-add in a matmul or convolution is 2 FLOPs (`conv_check` measures this every run);
 - convolution taps that land on SAME padding's zeros are not counted: a 3 x 3 SAME convolution on
   32 x 32 counts 94 x 94 of the 96 x 96 (output, tap) pairs, 4 % under `2 B H W Cin Cout kh kw`, more
-  at smaller sizes. The backends compute those taps all the same, so utilisation from this count is
-  slightly conservative;
+  at smaller sizes. A backend that multiplies by the padding's zeros does more work than counted, so
+  utilisation from this count can be slightly conservative;
 - every elementwise arithmetic op is 1 FLOP per element, so the optimiser's update (AdamW's moments,
-  the EMA), normalisation and activations are in the count;
-- `exp`, `log`, `sqrt`, `rsqrt`, `tanh` and the like are not: XLA counts them apart as
-  `transcendentals`.
+  the EMA) and the arithmetic of normalisation and activations are in the count (SiLU: 4 per element);
+- `exp`, `log`, `sqrt`, `rsqrt`, `tanh` are not: XLA counts them apart as `transcendentals` (SiLU's
+  exp is one).
 
 So "achieved GFLOP/s" is XLA's FLOPs per step / median step seconds, and utilisation is that over the
 best float32 matmul rate measured in the same run (`sgemm_gflop_per_s`): numpy's BLAS and XLA's
