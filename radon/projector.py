@@ -17,9 +17,9 @@ fractional in-line index `u = alpha*k + beta*r + gamma`, with per-angle constant
    `(2, batch)` slice.
 
 The batch is moved to the last axis so every slice is a contiguous block of `batch` floats. `forward`
-runs a `lax.scan` over the lines: each step zero-pads one line (a small buffer, materialised) and one
-fused elementwise loop reads it at every angle's offset, weights the slices and adds them into all
-angles' sheared grids `(angles, cells, batch)`. `adjoint` is the same loop transposed: a scan over the
+runs a `lax.scan` over the lines, two per step: each line is zero-padded (a small buffer, materialised)
+and one fused elementwise loop reads both at every angle's offset, weights the slices and adds them into
+all angles' sheared grids `(angles, cells, batch)`. `adjoint` is the same loop transposed: a scan over the
 angles, each step reading that angle's sheared grid back into every line. The working set is the
 sheared grids or the image, O(angles x cells x batch + lines x pixels x batch), and there is no system
 matrix. All index arithmetic (`n_r`, `f_r`, bin positions) is done once per geometry in float64 numpy
@@ -30,15 +30,15 @@ small materialised buffer, fused into the elementwise loop that consumes it, sta
 read. The same gather from a slice of a larger array (a scanned-over `xs` or a dynamic slice) fuses
 into a per-element dynamic-slice and ran ~7x slower; hence the pad inside the scan step. `forward` used
 to map over angles instead: per angle it materialised a `(lines, cells + 1, batch)` gather (6 MB at
-batch 32), streamed it through a `(2, lines)` matrix product (the weights), and built a dense
-`(bins, cells)` interpolation matrix for a second product. Those products dominated: ~75% of the time at
-batch 32, and the dense bin matrix ~70% at batch 1. That forward took 3.7x the adjoint's time at batch
-32 and 2.5x at batch 1; the scan over lines takes 0.86x and 0.25x (same process, machine loaded), 4x
-faster than before at batch 32 and 3-8x at batch 1, with half the compiled memory, and the same result
-up to float32 rounding (the sum over lines runs in another order: 9e-7 of the maximum). Its sheared
-grid spans the detector (362 cells at 45 degrees) where a line has 256 samples, so its main loop does
-~1.4x the adjoint's elementwise work; it is faster overall because the adjoint still builds the dense
-`(bins, cells)` matrix per angle.
+batch 32), streamed it through a `(2, lines)` matrix product (the weights), then built a dense
+`(bins, cells)` interpolation matrix for a second product. At batch 32 the skinny product took most of
+the time (65-80%; the gather ~20%); at batch 1 the dense bin matrix took ~70%. Old forward vs adjoint in
+one process (machine loaded, median of 3 runs): 4.1x the adjoint's time at batch 32, 2.8x at batch 1;
+the scan over lines, two lines per step: 0.82x and 0.40x, i.e. 5x and 7x faster than before, with
+half the compiled memory, and the same result up to float32 rounding (the sum over lines runs in
+another order: 9e-7 of the maximum). Its sheared grids span the detector (362 cells at 45 degrees)
+where a line has 256 samples, so its main loop does ~1.4x the adjoint's elementwise work; it is still
+faster because the adjoint builds a dense `(bins, cells)` matrix per angle.
 
 The adjoint is written out by hand as the transpose of each step (bins -> sheared grid by the transposed
 interpolation, then each line reads its slice back from the sheared grid), again as contiguous gathers,
