@@ -55,6 +55,18 @@ def test_gflop_per_s_by_hand(flop_rate):
     assert flop_rate.gflop_per_s(2 * 2048**3, 0.5) == pytest.approx(34.359738368)  # 2 n^3 / 0.5 s / 1e9
 
 
+def test_foundation_breakdown_parts_and_rest_add_up_to_the_step():
+    breakdown = _load(os.path.join(os.path.dirname(_PATH), "foundation_breakdown.py"))
+    measured = {"encode (frozen autoencoder)": (2, 0.010), "U-Net forward + backward": (1, 0.050),
+                "decode + backward (decoded-prediction term)": (1, 0.020),
+                "loss value and gradient (all of the above)": (1, 0.080), "train step": (1, 0.100)}
+    text = breakdown.table(measured, 16)
+    # 2 x 10 + 50 + 20 = 90 ms of parts in a 100 ms step: 10 ms (10%) left for the rest
+    assert "| encode (frozen autoencoder) | 2 | 10.0 | 20.0 | 20% |" in text
+    assert "| rest: optimiser, EMA, loss arithmetic, fusion differences | | | 10.0 | 10% |" in text
+    assert "sum to 90.0 ms" in text and "takes 80.0 ms (1.12x)" in text
+
+
 def test_lesion_ring_and_contrast_by_hand(bench):
     tissue, hot, cold, air = (LABEL_IDS[k] for k in ("soft_tissue", "lesion_hot", "lesion_cold", "background"))
     labels = np.full((2, 20, 20), tissue, np.int32)
