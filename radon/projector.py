@@ -69,6 +69,14 @@ _SUPERSAMPLE = 2
 # the grids and measured ~15% faster than one; four were slower again (XLA:CPU, 128x128, 180 angles).
 _LINES_PER_STEP = 2
 
+# Angles back-projected per `adjoint` scan step, in one fused loop, once one angle's work (lines x pixels x
+# batch) exceeds `_ONE_ANGLE_UP_TO` elements. XLA:CPU splits a fused loop of that size across threads and
+# waits for them every step; two angles per step halve those waits and the passes over the image (~1.25x
+# at batch 4 to 32). Below it a step runs on one thread, and one angle per step measured ~1.8x faster than
+# two (which the cost model splits again) at batch 1 and 2 (128x128, 180 angles, machine loaded).
+_ANGLES_PER_STEP = 2
+_ONE_ANGLE_UP_TO = 2**15
+
 
 @dataclasses.dataclass(frozen=True)
 class _AngleSet:
@@ -80,6 +88,10 @@ class _AngleSet:
     bin_cell: np.ndarray  # (n, B) int32 sheared-grid cell left of each bin
     bin_frac: np.ndarray  # (n, B) float32 position of each bin inside that cell
     ray_mm: np.ndarray  # (n,) float32 ray length per line in mm
+    tap_phase: np.ndarray  # (n, R) int32 adjoint: phase of the sheared-grid cell under each line's first tap
+    tap_block: np.ndarray  # (n, R) int32 adjoint: block (of _SUPERSAMPLE cells) of that first tap
+    tap_pad: int  # adjoint: zero cells before a sheared grid so every first tap is at a cell >= 0
+    tap_blocks: int  # adjoint: blocks per phase array, so every tap is in range
     lines: int  # R: number of lines (rows, or columns for the transposed case)
     length: int  # L: samples per line (pixels x _SUPERSAMPLE)
 
@@ -131,13 +143,28 @@ def _plan(geom: Geometry) -> _Plan:
         n_r = np.floor(shift)
         rel = bins - m0[:, None]
         cell = np.floor(rel)
+        start = (m0[:, None] + n_r + pad).astype(np.int64)
+        # Adjoint: `forward` reads sample u of a line into cells u + pad - start (weight 1 - f) and one below
+        # (weight f), so pixel j's _SUPERSAMPLE samples read cells first + S*j ... first + S*j + S, with
+        # first = pad - start - 1, weights (f, 1, ..., 1, 1 - f). Shifted by tap_pad to be >= 0 and split into
+        # phase (first mod S) and block (first // S).
+        first = pad - start - 1
+        tap_pad = max(0, -int(first.min())) if first.size else 0
+        first = first + tap_pad
+        pixels = length // _SUPERSAMPLE
+        last_block = int(first.max()) // _SUPERSAMPLE if first.size else 0
+        tap_blocks = max(last_block + pixels, -(-(tap_pad + cells) // _SUPERSAMPLE))
         return _AngleSet(
             index=idx,
-            start=(m0[:, None] + n_r + pad).astype(np.int32),
+            start=start.astype(np.int32),
             frac=(shift - n_r).astype(np.float32),
             bin_cell=cell.astype(np.int32),
             bin_frac=(rel - cell).astype(np.float32),
             ray_mm=ray.astype(np.float32),
+            tap_phase=(first % _SUPERSAMPLE).astype(np.int32),
+            tap_block=(first // _SUPERSAMPLE).astype(np.int32),
+            tap_pad=tap_pad,
+            tap_blocks=tap_blocks,
             lines=lines,
             length=length,
         )
@@ -157,15 +184,9 @@ def _tables(aset: _AngleSet):
         "bin_cell": jnp.asarray(aset.bin_cell),
         "bin_frac": jnp.asarray(aset.bin_frac),
         "ray_mm": jnp.asarray(aset.ray_mm),
+        "tap_phase": jnp.asarray(aset.tap_phase),
+        "tap_block": jnp.asarray(aset.tap_block),
     }
-
-
-def _bin_interpolation(bin_cell, bin_frac, cells):
-    """`(B, M)` linear-interpolation weights from the sheared grid to the bins of one angle."""
-    m = jnp.arange(cells, dtype=jnp.int32)[None, :]
-    cell = bin_cell[:, None]
-    frac = bin_frac[:, None]
-    return jnp.where(m == cell, 1.0 - frac, 0.0) + jnp.where(m == cell + 1, frac, 0.0)
 
 
 _ROW_SLICES = lax.GatherDimensionNumbers(offset_dims=(1, 2), collapsed_slice_dims=(0,), start_index_map=(0, 1))
@@ -186,22 +207,9 @@ def _line_slices(lines_padded, line, start, size, unique=False):
     )
 
 
-def _backproject_angle(sino_angle, t, cells, pad, length):
-    """Transpose of `_project_angle`: `(B, N)` -> `(R, L, N)` on the unpadded lines."""
-    weights = _bin_interpolation(t["bin_cell"], t["bin_frac"], cells)
-    q = weights.T @ (t["ray_mm"] * sino_angle)  # (M, N)
-    # Forward read line pixel (start + m - pad) into q[m] (weight 1-f) and q[m-1] (weight f), so
-    # pixel j gathers q[j + pad - start] and q[j + pad - start - 1]: a slice of q per line.
-    q_padded = jnp.pad(q, ((length + 1, length + 1), (0, 0)))
-    first = pad - t["start"] - 1 + length + 1  # index in q_padded of q[j + pad - start - 1] at j = 0
-    # Every line reads the same vector; a gather from a one-line operand (not a broadcast) stays a
-    # slice copy in XLA:CPU, and measured several times faster than the alternatives.
-    g = _line_slices(q_padded[None], jnp.zeros_like(first), first, length + 1)
-    f = t["frac"][:, None, None]
-    return (1.0 - f) * g[:, 1:] + f * g[:, :-1]
-
-
 _BIN_CELLS = lax.GatherDimensionNumbers(offset_dims=(2, 3), collapsed_slice_dims=(0,), start_index_map=(0, 1))
+_BIN_CELLS_T = lax.ScatterDimensionNumbers(update_window_dims=(2, 3), inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0, 1))
+_TAPS = lax.GatherDimensionNumbers(offset_dims=(1, 2), collapsed_slice_dims=(0,), start_index_map=(0, 2))
 
 
 def _forward_set(lines, aset: _AngleSet, plan: _Plan):
@@ -230,24 +238,64 @@ def _forward_set(lines, aset: _AngleSet, plan: _Plan):
     xs = tuple(a.reshape((steps, _LINES_PER_STEP) + a.shape[1:]) for a in (lines, start, frac))
     q, _ = lax.scan(body, jnp.zeros((n, plan.cells, N), jnp.float32), xs)  # (n, M, N): all sheared grids
     # Resample to bins: bin k reads cells (bin_cell, bin_cell + 1) of its angle, one contiguous (2, N) slice.
-    angle = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], t["bin_cell"].shape)
-    idx = jnp.stack([angle, t["bin_cell"]], axis=-1)
-    pair = lax.gather(q, idx, _BIN_CELLS, (1, 2, N), mode=lax.GatherScatterMode.CLIP)  # (n, B, 2, N)
+    pair = lax.gather(q, _bin_cells_index(t), _BIN_CELLS, (1, 2, N), mode=lax.GatherScatterMode.CLIP)  # (n, B, 2, N)
     w = t["bin_frac"][..., None]
     return t["ray_mm"][:, None, None] * ((1.0 - w) * pair[:, :, 0] + w * pair[:, :, 1])
 
 
+def _bin_cells_index(t):
+    """`(n, B, 2)` (angle, cell left of the bin): where each bin's contiguous `(2, batch)` pair of cells starts."""
+    angle = jnp.broadcast_to(jnp.arange(t["bin_cell"].shape[0], dtype=jnp.int32)[:, None], t["bin_cell"].shape)
+    return jnp.stack([angle, t["bin_cell"]], axis=-1)
+
+
+def _backproject_angle(q, phase, block, frac, aset: _AngleSet):
+    """Transpose of one angle's line reads: sheared grid `(M, N)` -> `(R, pixels * N)` on the lines.
+
+    Pixel j of line r reads cells first + S*j + i, i = 0..S, with weights (f, 1, ..., 1, 1 - f); `first`
+    is `S * block + phase` after `tap_pad` zero cells. Tap i of every pixel is then one contiguous run of
+    `pixels * N` floats in phase array `phase`, row i: `P[phase, i, b] = q_padded[S*b + phase + i]`.
+    """
+    S, (M, N) = _SUPERSAMPLE, q.shape
+    pixels, blocks = aset.length // S, aset.tap_blocks
+    # Padded and split inside the scan step: the gather below then reads a small materialised buffer.
+    qp = jnp.pad(q, ((aset.tap_pad, S * (blocks + 1) - M - aset.tap_pad), (0, 0)))
+    phases = jnp.stack([jnp.stack([qp[r + i :: S][:blocks] for i in range(S + 1)]) for r in range(S)])
+    phases = phases.reshape(S, S + 1, blocks * N)  # (pixel, batch) flattened: each tap is one run
+    idx = jnp.stack([phase, block * N], axis=-1)
+    g = lax.gather(phases, idx, _TAPS, (1, S + 1, pixels * N), mode=lax.GatherScatterMode.CLIP)  # (R, S+1, jN)
+    f = frac[:, None]
+    return f * g[:, 0] + sum(g[:, i] for i in range(1, S)) + (1.0 - f) * g[:, S]
+
+
 def _adjoint_set(sino_rows, aset: _AngleSet, plan: _Plan):
     """Back-projection `(R, pixels, N)` of the sinogram rows `(n, B, N)` of one angle set."""
+    t = _tables(aset)
+    n, _, N = sino_rows.shape
+    R, pixels = aset.lines, aset.length // _SUPERSAMPLE
+    # Bins -> sheared grids, the transpose of forward's bin gather: one scatter-add of every bin's two
+    # weighted values into its contiguous (2, N) pair of cells, for all angles at once.
+    s = t["ray_mm"][:, None, None] * sino_rows
+    w = t["bin_frac"][..., None]
+    q = jnp.zeros((n, plan.cells, N), jnp.float32)
+    q = lax.scatter_add(q, _bin_cells_index(t), jnp.stack([(1.0 - w) * s, w * s], axis=2), _BIN_CELLS_T,
+                        mode=lax.GatherScatterMode.CLIP)  # (n, M, N)
+    phase, block, frac = t["tap_phase"], t["tap_block"], t["frac"]
+    per_step = 1 if R * pixels * N <= _ONE_ANGLE_UP_TO else _ANGLES_PER_STEP
+    extra = -n % per_step  # zero sheared grids (adding exact zeros) to fill the last step
+    if extra:
+        q = jnp.pad(q, ((0, extra), (0, 0), (0, 0)))
+        phase, block, frac = (jnp.pad(a, ((0, extra), (0, 0))) for a in (phase, block, frac))
+    steps = q.shape[0] // per_step
 
     def body(acc, xs):
-        row, t = xs
-        return acc + _backproject_angle(row, t, plan.cells, plan.pad, aset.length), None
+        for angle_xs in zip(*xs):  # one fused loop adds per_step angles to the lines
+            acc = acc + _backproject_angle(*angle_xs, aset)
+        return acc, None
 
-    init = jnp.zeros((aset.lines, aset.length, sino_rows.shape[-1]), sino_rows.dtype)
-    acc, _ = lax.scan(body, init, (sino_rows, _tables(aset)))
-    R, L, N = acc.shape
-    return acc.reshape(R, L // _SUPERSAMPLE, _SUPERSAMPLE, N).sum(axis=2)  # transpose of the repeat
+    xs = tuple(a.reshape((steps, per_step) + a.shape[1:]) for a in (q, phase, block, frac))
+    acc, _ = lax.scan(body, jnp.zeros((R, pixels * N), jnp.float32), xs)
+    return acc.reshape(R, pixels, N)
 
 
 @functools.partial(jax.jit, static_argnums=1)
