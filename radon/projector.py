@@ -189,22 +189,21 @@ def _tables(aset: _AngleSet):
     }
 
 
-_ROW_SLICES = lax.GatherDimensionNumbers(offset_dims=(1, 2), collapsed_slice_dims=(0,), start_index_map=(0, 1))
+_ROW_SLICES = lax.GatherDimensionNumbers(offset_dims=(1,), collapsed_slice_dims=(0,), start_index_map=(0, 1))
 
 
-def _line_slices(lines_padded, line, start, size, unique=False):
-    """Row `r` of the result is `lines_padded[line[r], start[r] : start[r] + size]`: `(R, size, N)`."""
-    N = lines_padded.shape[-1]
-    idx = jnp.stack([line, start], axis=-1)
-    return lax.gather(
-        lines_padded,
-        idx,
-        _ROW_SLICES,
-        (1, size, N),
-        indices_are_sorted=unique,
-        unique_indices=unique,
-        mode=lax.GatherScatterMode.CLIP,
-    )
+def _line_slices(padded, start, size):
+    """Row `r` of the result is `padded[start[r] : start[r] + size]` flattened: `(R, size * N)` from `(L, N)`.
+
+    The operand is one flat row and each slice one contiguous run of `size * N` floats, so the fused loop
+    that reads it iterates (and LLVM vectorises) that run whatever the batch `N`. With `(size, N)` slices
+    the inner loop is only `N` long, and at some batches LLVM unrolled it and vectorised across the
+    strided outer loop instead (batch 12 and 16: ~5-7x slower). A rank-1 operand (no row index)
+    measured ~10x slower still.
+    """
+    N = padded.shape[-1]
+    idx = jnp.stack([jnp.zeros_like(start), start * N], axis=-1)
+    return lax.gather(padded.reshape(1, -1), idx, _ROW_SLICES, (1, size * N), mode=lax.GatherScatterMode.CLIP)
 
 
 _BIN_CELLS = lax.GatherDimensionNumbers(offset_dims=(2, 3), collapsed_slice_dims=(0,), start_index_map=(0, 1))
@@ -216,7 +215,7 @@ def _forward_set(lines, aset: _AngleSet, plan: _Plan):
     """Sinogram rows `(n, B, N)` of one angle set from the lines `(R, pixels, N)`."""
     lines = jnp.repeat(lines, _SUPERSAMPLE, axis=1)  # the same piecewise-constant image, finer samples
     t = _tables(aset)
-    n, N = len(aset.index), lines.shape[-1]
+    n, M, N = len(aset.index), plan.cells, lines.shape[-1]
     start, frac = t["start"].T, t["frac"].T  # (R, n): each line's slice start and fraction at each angle
     extra = -lines.shape[0] % _LINES_PER_STEP  # zero lines (adding exact zeros) to fill the last step
     if extra:
@@ -230,13 +229,14 @@ def _forward_set(lines, aset: _AngleSet, plan: _Plan):
             # Padded here, inside the step, so the gather reads a small materialised buffer: gathering
             # from a slice of the whole padded line array fuses into a per-element dynamic-slice (~7x slower).
             padded = jnp.pad(line, ((plan.pad, plan.pad), (0, 0)))
-            g = _line_slices(padded[None], jnp.zeros_like(line_start), line_start, plan.cells + 1)  # (n, M+1, N)
-            f = line_frac[:, None, None]
-            q = q + (1.0 - f) * g[:, :-1] + f * g[:, 1:]
+            g = _line_slices(padded, line_start, M + 1)  # (n, (M+1) N): cells m and m + 1 are N floats apart
+            f = line_frac[:, None]
+            q = q + (1.0 - f) * g[:, : M * N] + f * g[:, N:]
         return q, None
 
     xs = tuple(a.reshape((steps, _LINES_PER_STEP) + a.shape[1:]) for a in (lines, start, frac))
-    q, _ = lax.scan(body, jnp.zeros((n, plan.cells, N), jnp.float32), xs)  # (n, M, N): all sheared grids
+    q, _ = lax.scan(body, jnp.zeros((n, M * N), jnp.float32), xs)
+    q = q.reshape(n, M, N)  # all angles' sheared grids
     # Resample to bins: bin k reads cells (bin_cell, bin_cell + 1) of its angle, one contiguous (2, N) slice.
     pair = lax.gather(q, _bin_cells_index(t), _BIN_CELLS, (1, 2, N), mode=lax.GatherScatterMode.CLIP)  # (n, B, 2, N)
     w = t["bin_frac"][..., None]
