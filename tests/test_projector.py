@@ -159,11 +159,17 @@ def test_half_precision_inputs(dtype):
     assert radon.adjoint(full.astype(dtype), geom).dtype == dtype
 
 
-def test_memory_scales_with_one_angle_not_a_system_matrix():
+@pytest.mark.parametrize("op", ["forward", "adjoint"])
+def test_working_set_is_a_small_multiple_of_image_and_sinogram_not_a_system_matrix(op):
+    """Both operators hold every angle's sheared grid at once (`(angles, cells, batch)`, ~1.4x image +
+    sinogram here) plus the lines and per-step buffers: a small multiple of the data, never a system matrix
+    or a per-angle `(bins, cells)` matrix for all angles."""
     geom = radon.Geometry((256, 256), 256, 256)
-    compiled = jax.jit(radon.forward, static_argnums=1).lower(jnp.zeros((4, 256, 256)), geom).compile()
+    shape = (4,) + (geom.image_shape if op == "forward" else geom.sino_shape)
+    compiled = jax.jit(getattr(radon, op), static_argnums=1).lower(jnp.zeros(shape), geom).compile()
     stats = compiled.memory_analysis()
-    # A dense system matrix would need angles*bins*H*W*4 = 17 GB; we allow a few copies of the data.
+    # A dense system matrix would need angles*bins*H*W*4 = 17 GB (~8000x the data); measured 4.1-4.3x for
+    # both operators (XLA:CPU, this geometry at batch 1 to 32).
     io_bytes = 4 * 4 * (256 * 256 + 256 * 256)
     assert stats.temp_size_in_bytes < 12 * io_bytes
 
