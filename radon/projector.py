@@ -88,6 +88,8 @@ class _AngleSet:
     bin_cell: np.ndarray  # (n, B) int32 sheared-grid cell left of each bin
     bin_frac: np.ndarray  # (n, B) float32 position of each bin inside that cell
     ray_mm: np.ndarray  # (n,) float32 ray length per line in mm
+    cell_bin: np.ndarray  # (n, M, J) int32 adjoint: the bins whose interpolation reads each cell (B: none)
+    cell_weight: np.ndarray  # (n, M, J) float32 adjoint: their weights (1 - bin_frac or bin_frac; 0: none)
     tap_phase: np.ndarray  # (n, R) int32 adjoint: phase of the sheared-grid cell under each line's first tap
     tap_block: np.ndarray  # (n, R) int32 adjoint: block (of _SUPERSAMPLE cells) of that first tap
     tap_pad: int  # adjoint: zero cells before a sheared grid so every first tap is at a cell >= 0
@@ -154,13 +156,17 @@ def _plan(geom: Geometry) -> _Plan:
         pixels = length // _SUPERSAMPLE
         last_block = int(first.max()) // _SUPERSAMPLE if first.size else 0
         tap_blocks = max(last_block + pixels, -(-(tap_pad + cells) // _SUPERSAMPLE))
+        bin_cell, bin_frac = cell.astype(np.int32), (rel - cell).astype(np.float32)
+        cell_bin, cell_weight = _cell_bins(bin_cell, bin_frac, cells)
         return _AngleSet(
             index=idx,
             start=start.astype(np.int32),
             frac=(shift - n_r).astype(np.float32),
-            bin_cell=cell.astype(np.int32),
-            bin_frac=(rel - cell).astype(np.float32),
+            bin_cell=bin_cell,
+            bin_frac=bin_frac,
             ray_mm=ray.astype(np.float32),
+            cell_bin=cell_bin,
+            cell_weight=cell_weight,
             tap_phase=(first % _SUPERSAMPLE).astype(np.int32),
             tap_block=(first // _SUPERSAMPLE).astype(np.int32),
             tap_pad=tap_pad,
@@ -177,6 +183,32 @@ def _plan(geom: Geometry) -> _Plan:
     )
 
 
+def _cell_bins(bin_cell, bin_frac, cells):
+    """Transpose of the bin interpolation as tables: for each angle and cell, the bins that read the cell.
+
+    Bin k reads cell `bin_cell[k]` with weight `1 - bin_frac[k]` and the next cell with weight `bin_frac[k]`
+    (the float32 values `forward` uses). Returns `(n, M, J)` bin indices, in increasing bin order, and
+    weights, `J` the most bins reading one cell (2 when bins are at least a sheared cell apart); unused
+    entries point at bin `B` (a zero row) with weight 0.
+    """
+    n, B = bin_cell.shape
+    angle = np.repeat(np.arange(n), 2 * B)
+    cell = np.concatenate([bin_cell, bin_cell + 1], axis=1).ravel().astype(np.int64)
+    k = np.tile(np.concatenate([np.arange(B), np.arange(B)]), n)
+    weight = np.concatenate([np.float32(1) - bin_frac, bin_frac], axis=1).ravel()
+    order = np.lexsort((k, cell, angle))
+    angle, cell, k, weight = angle[order], cell[order], k[order], weight[order]
+    new_group = np.ones(angle.size, bool)
+    new_group[1:] = (angle[1:] != angle[:-1]) | (cell[1:] != cell[:-1])
+    rank = np.arange(angle.size) - np.maximum.accumulate(np.where(new_group, np.arange(angle.size), 0))
+    J = int(rank.max()) + 1 if rank.size else 1
+    cell_bin = np.full((n, cells, J), B, np.int32)
+    cell_weight = np.zeros((n, cells, J), np.float32)
+    cell_bin[angle, cell, rank] = k
+    cell_weight[angle, cell, rank] = weight
+    return cell_bin, cell_weight
+
+
 def _tables(aset: _AngleSet):
     return {
         "start": jnp.asarray(aset.start),
@@ -184,6 +216,8 @@ def _tables(aset: _AngleSet):
         "bin_cell": jnp.asarray(aset.bin_cell),
         "bin_frac": jnp.asarray(aset.bin_frac),
         "ray_mm": jnp.asarray(aset.ray_mm),
+        "cell_bin": jnp.asarray(aset.cell_bin),
+        "cell_weight": jnp.asarray(aset.cell_weight),
         "tap_phase": jnp.asarray(aset.tap_phase),
         "tap_block": jnp.asarray(aset.tap_block),
     }
@@ -207,7 +241,6 @@ def _line_slices(padded, start, size):
 
 
 _BIN_CELLS = lax.GatherDimensionNumbers(offset_dims=(2, 3), collapsed_slice_dims=(0,), start_index_map=(0, 1))
-_BIN_CELLS_T = lax.ScatterDimensionNumbers(update_window_dims=(2, 3), inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0, 1))
 _TAPS = lax.GatherDimensionNumbers(offset_dims=(1, 2), collapsed_slice_dims=(0,), start_index_map=(0, 2))
 
 
@@ -238,26 +271,28 @@ def _forward_set(lines, aset: _AngleSet, plan: _Plan):
     q, _ = lax.scan(body, jnp.zeros((n, M * N), jnp.float32), xs)
     q = q.reshape(n, M, N)  # all angles' sheared grids
     # Resample to bins: bin k reads cells (bin_cell, bin_cell + 1) of its angle, one contiguous (2, N) slice.
-    pair = lax.gather(q, _bin_cells_index(t), _BIN_CELLS, (1, 2, N), mode=lax.GatherScatterMode.CLIP)  # (n, B, 2, N)
+    angle = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], t["bin_cell"].shape)
+    idx = jnp.stack([angle, t["bin_cell"]], axis=-1)
+    pair = lax.gather(q, idx, _BIN_CELLS, (1, 2, N), mode=lax.GatherScatterMode.CLIP)  # (n, B, 2, N)
     w = t["bin_frac"][..., None]
     return t["ray_mm"][:, None, None] * ((1.0 - w) * pair[:, :, 0] + w * pair[:, :, 1])
 
 
-def _bin_cells_index(t):
-    """`(n, B, 2)` (angle, cell left of the bin): where each bin's contiguous `(2, batch)` pair of cells starts."""
-    angle = jnp.broadcast_to(jnp.arange(t["bin_cell"].shape[0], dtype=jnp.int32)[:, None], t["bin_cell"].shape)
-    return jnp.stack([angle, t["bin_cell"]], axis=-1)
+def _backproject_angle(row, ray, cell_bin, cell_weight, phase, block, frac, aset: _AngleSet):
+    """Transpose of one angle's `forward`: sinogram row `(B, N)` -> `(R, pixels * N)` on the lines.
 
-
-def _backproject_angle(q, phase, block, frac, aset: _AngleSet):
-    """Transpose of one angle's line reads: sheared grid `(M, N)` -> `(R, pixels * N)` on the lines.
-
-    Pixel j of line r reads cells first + S*j + i, i = 0..S, with weights (f, 1, ..., 1, 1 - f); `first`
-    is `S * block + phase` after `tap_pad` zero cells. Tap i of every pixel is then one contiguous run of
-    `pixels * N` floats in phase array `phase`, row i: `P[phase, i, b] = q_padded[S*b + phase + i]`.
+    1. Bins -> sheared grid `q` `(M, N)`, the transpose of the bin interpolation: each cell gathers the
+       (at most J) bins that read it, as contiguous `(N,)` rows of the ray-scaled sinogram row.
+    2. Sheared grid -> lines. Pixel j of line r reads cells first + S*j + i, i = 0..S, with weights
+       (f, 1, ..., 1, 1 - f); `first` is `S * block + phase` after `tap_pad` zero cells. Tap i of every
+       pixel is then one contiguous run of `pixels * N` floats in phase array `phase`, row i:
+       `P[phase, i, b] = q_padded[S*b + phase + i]`.
     """
-    S, (M, N) = _SUPERSAMPLE, q.shape
+    S, N = _SUPERSAMPLE, row.shape[-1]
+    M, J = cell_bin.shape
     pixels, blocks = aset.length // S, aset.tap_blocks
+    s = jnp.pad(ray * row, ((0, 1), (0, 0)))  # (B + 1, N): bin B is the zero row unused entries point at
+    q = sum(cell_weight[:, j, None] * s[cell_bin[:, j]] for j in range(J))  # (M, N)
     # Padded and split inside the scan step: the gather below then reads a small materialised buffer.
     qp = jnp.pad(q, ((aset.tap_pad, S * (blocks + 1) - M - aset.tap_pad), (0, 0)))
     phases = jnp.stack([jnp.stack([qp[r + i :: S][:blocks] for i in range(S + 1)]) for r in range(S)])
@@ -273,27 +308,19 @@ def _adjoint_set(sino_rows, aset: _AngleSet, plan: _Plan):
     t = _tables(aset)
     n, _, N = sino_rows.shape
     R, pixels = aset.lines, aset.length // _SUPERSAMPLE
-    # Bins -> sheared grids, the transpose of forward's bin gather: one scatter-add of every bin's two
-    # weighted values into its contiguous (2, N) pair of cells, for all angles at once.
-    s = t["ray_mm"][:, None, None] * sino_rows
-    w = t["bin_frac"][..., None]
-    q = jnp.zeros((n, plan.cells, N), jnp.float32)
-    q = lax.scatter_add(q, _bin_cells_index(t), jnp.stack([(1.0 - w) * s, w * s], axis=2), _BIN_CELLS_T,
-                        mode=lax.GatherScatterMode.CLIP)  # (n, M, N)
-    phase, block, frac = t["tap_phase"], t["tap_block"], t["frac"]
+    xs = [sino_rows] + [t[k] for k in ("ray_mm", "cell_bin", "cell_weight", "tap_phase", "tap_block", "frac")]
     per_step = 1 if R * pixels * N <= _ONE_ANGLE_UP_TO else _ANGLES_PER_STEP
-    extra = -n % per_step  # zero sheared grids (adding exact zeros) to fill the last step
+    extra = -n % per_step  # zero rows (adding exact zeros) to fill the last step
     if extra:
-        q = jnp.pad(q, ((0, extra), (0, 0), (0, 0)))
-        phase, block, frac = (jnp.pad(a, ((0, extra), (0, 0))) for a in (phase, block, frac))
-    steps = q.shape[0] // per_step
+        xs = [jnp.pad(a, ((0, extra),) + ((0, 0),) * (a.ndim - 1)) for a in xs]
+    steps = xs[0].shape[0] // per_step
 
     def body(acc, xs):
         for angle_xs in zip(*xs):  # one fused loop adds per_step angles to the lines
             acc = acc + _backproject_angle(*angle_xs, aset)
         return acc, None
 
-    xs = tuple(a.reshape((steps, per_step) + a.shape[1:]) for a in (q, phase, block, frac))
+    xs = tuple(a.reshape((steps, per_step) + a.shape[1:]) for a in xs)
     acc, _ = lax.scan(body, jnp.zeros((R, pixels * N), jnp.float32), xs)
     return acc.reshape(R, pixels, N)
 
@@ -320,13 +347,13 @@ def _forward(image, geom: Geometry):
 def _adjoint(sino, geom: Geometry):
     plan = _plan(geom)
     lead = sino.shape[:-2]
-    y = sino.reshape((-1,) + geom.sino_shape).astype(jnp.float32)
-    y = jnp.moveaxis(y, 0, -1)  # (A, B, N)
-    image = jnp.zeros(geom.image_shape + (y.shape[-1],), jnp.float32)
+    y = sino.reshape((-1,) + geom.sino_shape).astype(jnp.float32)  # (N, A, B)
+    image = jnp.zeros(geom.image_shape + (y.shape[0],), jnp.float32)
+    # Each set's rows are picked, then moved to batch last (A, B, N), in one copy.
     if len(plan.rows.index):
-        image = image + _adjoint_set(y[plan.rows.index], plan.rows, plan)
+        image = image + _adjoint_set(jnp.moveaxis(y[:, plan.rows.index], 0, -1), plan.rows, plan)
     if len(plan.cols.index):
-        image = image + jnp.swapaxes(_adjoint_set(y[plan.cols.index], plan.cols, plan), 0, 1)
+        image = image + jnp.swapaxes(_adjoint_set(jnp.moveaxis(y[:, plan.cols.index], 0, -1), plan.cols, plan), 0, 1)
     image = jnp.moveaxis(image, -1, 0).reshape(lead + geom.image_shape)
     return image.astype(_result_dtype(sino.dtype))
 
