@@ -65,17 +65,23 @@ from radon.validation import check_array
 # the sheared grid to the bins): rays are then sharper than Joseph's method, at twice its cost.
 _SUPERSAMPLE = 2
 
-# Lines added to the sheared grids per `forward` scan step, in one fused loop: two halve the passes over
-# the grids and measured ~15% faster than one; four were slower again (XLA:CPU, 128x128, 180 angles).
-_LINES_PER_STEP = 2
+# Lines (forward) or angles (adjoint) handled per scan step, in one fused loop, small or big step.
+# XLA:CPU splits a fused loop across threads once its cost model puts it over ~100 us of work per thread,
+# and then waits for the threads every step. One line's (angle's) loop crosses that at ~60k elements
+# (measured: forward 57k no, 64k yes; adjoint 50k no, 66k yes). Below, a step runs on one thread and the
+# small step is fastest: a bigger one gets split and waits (adjoint, 1 vs 2 angles: ~1.8x at batch 1 and
+# 2; forward, 2 vs 8 lines: 1.4x at batch 1). Above, the loop is split anyway and the big step amortises the
+# waits and the passes over the accumulator: forward 8 vs 2 lines 1.2-1.4x at batch 2 to 32 (4 lines:
+# 1.0-1.25x), adjoint 2 vs 1 angles ~1.25x at batch 4 to 32 (3 or 4: no better). 128x128, 180 angles,
+# machine loaded.
+_SPLIT_FROM = 60_000
+_LINES_PER_STEP = (2, 8)
+_ANGLES_PER_STEP = (1, 2)
 
-# Angles back-projected per `adjoint` scan step, in one fused loop, once one angle's work (lines x pixels x
-# batch) exceeds `_ONE_ANGLE_UP_TO` elements. XLA:CPU splits a fused loop of that size across threads and
-# waits for them every step; two angles per step halve those waits and the passes over the image (~1.25x
-# at batch 4 to 32). Below it a step runs on one thread, and one angle per step measured ~1.8x faster than
-# two (which the cost model splits again) at batch 1 and 2 (128x128, 180 angles, machine loaded).
-_ANGLES_PER_STEP = 2
-_ONE_ANGLE_UP_TO = 2**15
+
+def _per_step(elements, small_big):
+    """Lines or angles per scan step when each adds `elements` to the fused loop."""
+    return small_big[elements >= _SPLIT_FROM]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,15 +256,16 @@ def _forward_set(lines, aset: _AngleSet, plan: _Plan):
     t = _tables(aset)
     n, M, N = len(aset.index), plan.cells, lines.shape[-1]
     start, frac = t["start"].T, t["frac"].T  # (R, n): each line's slice start and fraction at each angle
-    extra = -lines.shape[0] % _LINES_PER_STEP  # zero lines (adding exact zeros) to fill the last step
+    per_step = _per_step(n * M * N, _LINES_PER_STEP)
+    extra = -lines.shape[0] % per_step  # zero lines (adding exact zeros) to fill the last step
     if extra:
         lines = jnp.pad(lines, ((0, extra), (0, 0), (0, 0)))
         start = jnp.pad(start, ((0, extra), (0, 0)), constant_values=plan.pad)
         frac = jnp.pad(frac, ((0, extra), (0, 0)))
-    steps = lines.shape[0] // _LINES_PER_STEP
+    steps = lines.shape[0] // per_step
 
     def body(q, xs):
-        for line, line_start, line_frac in zip(*xs):  # one fused loop adds _LINES_PER_STEP lines to q
+        for line, line_start, line_frac in zip(*xs):  # one fused loop adds per_step lines to q
             # Padded here, inside the step, so the gather reads a small materialised buffer: gathering
             # from a slice of the whole padded line array fuses into a per-element dynamic-slice (~7x slower).
             padded = jnp.pad(line, ((plan.pad, plan.pad), (0, 0)))
@@ -267,7 +274,7 @@ def _forward_set(lines, aset: _AngleSet, plan: _Plan):
             q = q + (1.0 - f) * g[:, : M * N] + f * g[:, N:]
         return q, None
 
-    xs = tuple(a.reshape((steps, _LINES_PER_STEP) + a.shape[1:]) for a in (lines, start, frac))
+    xs = tuple(a.reshape((steps, per_step) + a.shape[1:]) for a in (lines, start, frac))
     q, _ = lax.scan(body, jnp.zeros((n, M * N), jnp.float32), xs)
     q = q.reshape(n, M, N)  # all angles' sheared grids
     # Resample to bins: bin k reads cells (bin_cell, bin_cell + 1) of its angle, one contiguous (2, N) slice.
@@ -309,7 +316,7 @@ def _adjoint_set(sino_rows, aset: _AngleSet, plan: _Plan):
     n, _, N = sino_rows.shape
     R, pixels = aset.lines, aset.length // _SUPERSAMPLE
     xs = [sino_rows] + [t[k] for k in ("ray_mm", "cell_bin", "cell_weight", "tap_phase", "tap_block", "frac")]
-    per_step = 1 if R * pixels * N <= _ONE_ANGLE_UP_TO else _ANGLES_PER_STEP
+    per_step = _per_step(R * pixels * N, _ANGLES_PER_STEP)
     extra = -n % per_step  # zero rows (adding exact zeros) to fill the last step
     if extra:
         xs = [jnp.pad(a, ((0, extra),) + ((0, 0),) * (a.ndim - 1)) for a in xs]
