@@ -16,35 +16,59 @@ fractional in-line index `u = alpha*k + beta*r + gamma`, with per-angle constant
    by the ray length per line, `pixel / |cos theta|`: each bin reads its two cells as one contiguous
    `(2, batch)` slice.
 
-The batch is moved to the last axis so every slice is a contiguous block of `batch` floats. `forward`
-runs a `lax.scan` over the lines, two per step: each line is zero-padded (a small buffer, materialised)
-and one fused elementwise loop reads both at every angle's offset, weights the slices and adds them into
-all angles' sheared grids `(angles, cells, batch)`. `adjoint` is the same loop transposed: a scan over the
-angles, each step reading that angle's sheared grid back into every line. The working set is the
-sheared grids or the image, O(angles x cells x batch + lines x pixels x batch), and there is no system
-matrix. All index arithmetic (`n_r`, `f_r`, bin positions) is done once per geometry in float64 numpy
-and enters the program as small constant tables.
+The batch is moved to the last axis, and each slice is read as one flat run of `cells x batch` floats.
+`forward` runs a `lax.scan` over the lines, several per step (below): each line is zero-padded (a small
+buffer, materialised) and one fused elementwise loop reads them at every angle's offset, weights the
+slices and adds them into all angles' sheared grids `(angles, cells, batch)`. `adjoint` is the loop
+transposed: a scan over the angles, each step turning that angle's sinogram row into its sheared grid
+and reading it back into every line of the image. Working set: `forward` the sheared grids plus the lines
+(4.1x image + sinogram at 256x256, 256 angles), `adjoint` the image accumulator plus one step's buffers
+(1.5-1.8x); there is no system matrix. All index arithmetic (`n_r`, `f_r`, bin positions, the adjoint's
+tap and bin tables) is done once per geometry in float64 numpy and enters the program as constant tables.
 
-What XLA:CPU makes fast here, measured (128x128, 180 angles, 128 bins): a gather whose operand is a
-small materialised buffer, fused into the elementwise loop that consumes it, stays a cheap 1-D slice
-read. The same gather from a slice of a larger array (a scanned-over `xs` or a dynamic slice) fuses
-into a per-element dynamic-slice and ran ~7x slower; hence the pad inside the scan step. `forward` used
-to map over angles instead: per angle it materialised a `(lines, cells + 1, batch)` gather (6 MB at
+What XLA:CPU makes fast here, measured (128x128, 180 angles, 128 bins):
+- A gather whose operand is a small materialised buffer, fused into the elementwise loop that consumes
+  it, stays a cheap slice read. The same gather from a slice of a larger array (a scanned-over `xs` or a
+  dynamic slice) fuses into a per-element dynamic-slice and ran ~7x slower; hence the pads inside the
+  scan steps.
+- Slices read as flat runs, so the fused loop's innermost dimension is `cells x batch` long. With
+  `(cells, batch)` slices it is only `batch` long, and at some batches (12 and 16 for forward, 4 to 16 for
+  an adjoint variant) LLVM unrolled it and vectorised the strided outer loop instead: 3-7x slower.
+- Steps sized to XLA's threading: a fused loop over ~60k elements per line (angle) is split across
+  threads, which it then waits for every step; see `_SPLIT_FROM`.
+
+`forward` used to map over angles: per angle it materialised a `(lines, cells + 1, batch)` gather (6 MB at
 batch 32), streamed it through a `(2, lines)` matrix product (the weights), then built a dense
 `(bins, cells)` interpolation matrix for a second product. At batch 32 the skinny product took most of
-the time (65-80%; the gather ~20%); at batch 1 the dense bin matrix took ~70%. Old forward vs adjoint in
-one process (machine loaded, median of 3 runs): 4.1x the adjoint's time at batch 32, 2.8x at batch 1;
-the scan over lines, two lines per step: 0.82x and 0.40x, i.e. 5x and 7x faster than before, with
-half the compiled memory, and the same result up to float32 rounding (the sum over lines runs in
-another order: 9e-7 of the maximum). Its sheared grids span the detector (362 cells at 45 degrees)
-where a line has 256 samples, so its main loop does ~1.4x the adjoint's elementwise work; it is still
-faster because the adjoint builds a dense `(bins, cells)` matrix per angle.
+the time (65-80%; the gather ~20%); at batch 1 the dense bin matrix took ~70%. The scan over lines, two
+per step, was 5x (batch 32) and 7x (batch 1) faster, with half the compiled memory and the same result up
+to float32 rounding (the sum over lines runs in another order: 9e-7 of the maximum). Flat slices and 8
+lines per step once the loop is threaded then gave another 1.25-1.35x at batch 32 and 6x at batch 12
+and 16 (unchanged within noise at batch 1; bit-identical).
 
-The adjoint is written out by hand as the transpose of each step (bins -> sheared grid by the transposed
-interpolation, then each line reads its slice back from the sheared grid), again as contiguous gathers,
-accumulated over the angles with `lax.scan`. It is the exact transpose of `forward` up to float32
-rounding (tested with a dot test). Both functions are ordinary JAX code, so `grad`, `jvp`, `vmap` and
-`linear_transpose` work on them; the autodiff transpose of `forward` is mathematically `adjoint`.
+The adjoint then still scanned over the angles building, per angle, the dense `(bins, cells)`
+interpolation matrix and multiplying by its transpose, and then read twice as many supersampled line
+samples as there are pixels into a `(lines, 2 x pixels, batch)` accumulator. It took 1.1-1.2x forward's
+time at batch 32 and 2.7-3.1x at batch 1 (forward/adjoint 0.82-0.88 and 0.32-0.37). Now each step:
+1. bins -> sheared grid, the transpose of the bin interpolation as a gather: a per-geometry table lists the
+   bins that read each cell (one when bins are at least a sheared cell apart), and each cell gathers their
+   ray-scaled `(batch,)` rows from the angle's sinogram row, fused into step 2's buffer. (A scatter-add
+   of all angles before the scan, the plain transpose of the bin gather, worked too, but its zeroed
+   `(angles, cells, batch)` buffer, copies and update array cost about a fifth of the time at batch 32.)
+2. sheared grid -> lines, supersampling folded in: a pixel's two samples read three consecutive cells
+   with weights `(f, 1, 1 - f)`. The grid is padded and split by phase into `P[phase, i, b] = q[2b + phase
+   + i]`, so each of the three taps of a whole line is one contiguous run of `pixels x batch` floats.
+Same process, machine loaded, three runs (each the median of 5): the adjoint is 5.1-5.7x faster at
+batch 1, 2.3-3.6x at batch 8 and 1.9-2.1x at batch 32; forward/adjoint is now 1.9-2.2 at batch 1 and
+1.3-1.4 at batch 32.
+Results match the old adjoint to 4e-7 of the maximum (float32 rounding) on square, rectangular, odd-sized
+and coarse/fine-bin geometries. Its main loop is now an ideal vector loop (6 tap loads, the accumulator's
+load and store per 8 outputs, 2 angles per step) bound by the accumulator's memory traffic; 3 or 4
+angles per step were no faster.
+
+Both functions are ordinary JAX code, so `grad`, `jvp`, `vmap` and `linear_transpose` work on them; the
+adjoint is the exact transpose of `forward` up to float32 rounding (tested with a dot test), and the
+autodiff transpose of `forward` is mathematically `adjoint`.
 """
 
 from __future__ import annotations
@@ -305,7 +329,7 @@ def _backproject_angle(row, ray, cell_bin, cell_weight, phase, block, frac, aset
     phases = jnp.stack([jnp.stack([qp[r + i :: S][:blocks] for i in range(S + 1)]) for r in range(S)])
     phases = phases.reshape(S, S + 1, blocks * N)  # (pixel, batch) flattened: each tap is one run
     idx = jnp.stack([phase, block * N], axis=-1)
-    g = lax.gather(phases, idx, _TAPS, (1, S + 1, pixels * N), mode=lax.GatherScatterMode.CLIP)  # (R, S+1, jN)
+    g = lax.gather(phases, idx, _TAPS, (1, S + 1, pixels * N), mode=lax.GatherScatterMode.CLIP)  # (R, S+1, .)
     f = frac[:, None]
     return f * g[:, 0] + sum(g[:, i] for i in range(1, S)) + (1.0 - f) * g[:, S]
 
@@ -356,11 +380,12 @@ def _adjoint(sino, geom: Geometry):
     lead = sino.shape[:-2]
     y = sino.reshape((-1,) + geom.sino_shape).astype(jnp.float32)  # (N, A, B)
     image = jnp.zeros(geom.image_shape + (y.shape[0],), jnp.float32)
-    # Each set's rows are picked, then moved to batch last (A, B, N), in one copy.
+    # Each set's rows are picked, then moved to batch last (n, B, N), in one copy.
     if len(plan.rows.index):
         image = image + _adjoint_set(jnp.moveaxis(y[:, plan.rows.index], 0, -1), plan.rows, plan)
     if len(plan.cols.index):
-        image = image + jnp.swapaxes(_adjoint_set(jnp.moveaxis(y[:, plan.cols.index], 0, -1), plan.cols, plan), 0, 1)
+        cols = _adjoint_set(jnp.moveaxis(y[:, plan.cols.index], 0, -1), plan.cols, plan)
+        image = image + jnp.swapaxes(cols, 0, 1)
     image = jnp.moveaxis(image, -1, 0).reshape(lead + geom.image_shape)
     return image.astype(_result_dtype(sino.dtype))
 
