@@ -37,12 +37,14 @@ def gflop_per_s(flops: float, seconds: float) -> float:
     return flops / seconds / 1e9
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: compile, BLAS threads, caches
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall seconds of `fn()` over `repeats` calls after one warm-up call (compile, BLAS threads,
+    caches), each waited for with `jax.block_until_ready` (numpy results pass through)."""
+    jax.block_until_ready(fn())
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
+        jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
     return float(np.median(times))
 
@@ -55,8 +57,8 @@ def sgemm_gflop_per_s(n: int = SGEMM_N, repeats: int = 5) -> dict[str, float]:
     matmul = jax.jit(jnp.matmul)
     a_dev, b_dev = jax.device_put(a), jax.device_put(b)
     flops = 2.0 * n**3
-    return {"numpy": gflop_per_s(flops, _median_seconds(lambda: a @ b, repeats)),
-            "jax.numpy": gflop_per_s(flops, _median_seconds(lambda: matmul(a_dev, b_dev).block_until_ready(),
+    return {"numpy": gflop_per_s(flops, median_seconds(lambda: a @ b, repeats)),
+            "jax.numpy": gflop_per_s(flops, median_seconds(lambda: matmul(a_dev, b_dev),
                                                             repeats))}
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -31,17 +30,8 @@ from flax import nnx
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from allpet_jax.training import objectives, stages  # noqa: E402
 from allpet_jax.training import step as S  # noqa: E402
+from benchmarks.flop_rate import median_seconds  # noqa: E402
 from configs import base  # noqa: E402
-
-
-def median_seconds(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())  # warm-up and compile
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def parts(preset: str, repeats: int) -> dict:

@@ -16,8 +16,9 @@ the default JAX device of this process. Timing is for information; nothing here 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
-import time
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -29,20 +30,13 @@ import radon
 from allpet_jax import attention, masks
 from allpet_jax.models.unet import LatentUNet
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from benchmarks.flop_rate import median_seconds  # noqa: E402
+
 UNETS = {
     "small": dict(channels=(32, 64, 128), num_res_blocks=1, attention_levels=(2,)),
     "default": dict(),
 }
-
-
-def median_seconds(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())  # compile (and warm up)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def phantom_batch(geom: radon.Geometry, batch: int, seed: int = 0) -> dict:

@@ -12,6 +12,8 @@ Timing is for information; nothing here asserts a speed.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import jax
@@ -20,15 +22,8 @@ import numpy as np
 
 import radon
 
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up (and compile, for jitted calls)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from benchmarks.flop_rate import median_seconds  # noqa: E402
 
 
 def ours(op: str, batch: int, geom: radon.Geometry, repeats: int):
