@@ -416,6 +416,14 @@ def report(root: str, docs: str) -> str:
         segmentation = tma_segmentation(runs.load_trained(task_dir).config)
         tma_figure(segmentation, os.path.join(figures, "ws_tma_maps.png"))
         parts += [segmentation_text(segmentation), "", "![TMA maps](figures/ws_tma_maps.png)", ""]
+    parts += ["## Commands", "", "Each finished item's commands, as its `done.json` records them (`<runs>` is the runs' root), "
+              "and its wall time:", ""]
+    for item in workstation.PLAN:
+        done = _json(os.path.join(root, item.name, workstation.DONE))
+        if done:
+            lines = "\n".join(" ".join(c).replace(root, "<runs>") for c in done["commands"])
+            parts += [f"`{item.name}` ({done['wall_s'] / 60:.0f} min, {done.get('machine', '')}, finished "
+                      f"{done.get('finished', '')}):", "", "```bash", lines, "```", ""]
     parts += ["## What holds", "", "| claim, as the paper states it | tested here as | verdict |", "|---|---|---|"]
     for claim, test, verdict in ((CLAIMS[0], "Frechet distance within the 5000 arm's seed spread; memorisation ratio "
                                   "clearly above the 500 arm without masks", generation),

@@ -123,3 +123,16 @@ def test_tma_segmentation_counts_against_the_labels(monkeypatch, tmp_path):
     monkeypatch.setattr(transforms.TmaTransform, "image_maps", swapped)
     s = claims.tma_segmentation(config, n=3, radius_px=1.5)
     assert s["recall"] == 1.0 and s["recall_hot"] == 0.0 and s["recall_cold"] == 0.0
+
+
+def test_report_of_a_plan_barely_started(tmp_path):
+    root, docs = tmp_path / "runs", tmp_path / "docs"
+    os.makedirs(root / "ae")
+    command = ["python", "train.py", "--workdir", str(root / "ae"), "--config.train.stages=autoencoder"]
+    (root / "ae" / "done.json").write_text(json.dumps({"commands": [command], "wall_s": 600.0, "machine": "m",
+                                                      "finished": "today"}))
+    text = claims.report(str(root), str(docs))
+    assert "python train.py --workdir <runs>/ae --config.train.stages=autoencoder" in text  # portable commands
+    assert "`ae` (10 min, m, finished today)" in text
+    what_holds = text[text.index("## What holds"):]
+    assert what_holds.count("**pending**") == 3 and os.path.exists(docs / "WORKSTATION.md")
