@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -69,6 +70,40 @@ def _up_to_date(result: str, workdir: str, cmd: list, log_path: str) -> bool:
     newest = max((os.path.getmtime(os.path.join(d, name)) for d, _, names in os.walk(workdir)
                   if f"{os.sep}checkpoints" in d for name in names), default=0.0)
     return os.path.getmtime(result) > newest
+
+
+def check_overrides(preset: str, overrides) -> None:
+    """Raise ValueError unless every `--config.a.b=value` in `overrides` names a field of the preset's config
+    and its value parses as that field's type, so a typo in an arm fails before anything trains."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_allpet_base_config", os.path.join(ROOT, "configs", "base.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(preset)
+    for flag in overrides:
+        match = re.fullmatch(r"--config\.([\w.]+)=(.*)", flag)
+        if not match:
+            raise ValueError(f"expected an override --config.<field>=<value>, got {flag!r}")
+        path, value = match.groups()
+        node = config
+        for part in path.split("."):
+            if not hasattr(node, "keys") or part not in node:
+                raise ValueError(f"{flag!r}: the {preset} config has no field {path!r}")
+            node = node[part]
+        kind = type(node)
+        ok = (value.lower() in ("true", "false")) if kind is bool else _parses(kind, value)
+        if not ok:
+            raise ValueError(f"{flag!r}: field {path!r} expects a {kind.__name__}, got {value!r}")
+
+
+def _parses(kind: type, value: str) -> bool:
+    if kind not in (int, float):
+        return True
+    try:
+        kind(value)
+    except ValueError:
+        return False
+    return True
 
 
 def run(workdir: str, preset: str, overrides=(), *, task: str = LOW_DOSE, evaluate: bool = True,

@@ -1,11 +1,12 @@
 """The experiment tables: seed statistics with deltas paired by seed, the per-task table, and reuse of
-an evaluation only when it is newer than the checkpoints it scored."""
+an evaluation only when it is newer than the checkpoints it scored, and arms' flags checked against the config."""
 
 import os
 import sys
 import time
 
 import numpy as np
+import pytest
 
 from allpet_jax import experiments as E
 
@@ -61,3 +62,16 @@ def test_an_evaluation_is_reused_only_when_newer_than_the_checkpoints(tmp_path):
     later = time.time() + 5
     os.utime(ckpt / "state", (later, later))  # a newer checkpoint: score again
     assert not E._up_to_date(str(result), str(tmp_path), cmd, str(log))
+
+
+def test_check_overrides_refuses_unknown_fields_and_unparsable_values():
+    E.check_overrides("smoke", ["--config.masks.rmas=false", "--config.diffusion.consistency_weight=10",
+                                          "--config.masks.count=fixed", "--config.masks.n_cells=1"])
+    with pytest.raises(ValueError, match="no field 'masks.rmass'"):
+        E.check_overrides("smoke", ["--config.masks.rmass=false"])
+    with pytest.raises(ValueError, match="expects a int, got '1.5'"):
+        E.check_overrides("smoke", ["--config.masks.n_cells=1.5"])
+    with pytest.raises(ValueError, match="expects a bool"):
+        E.check_overrides("smoke", ["--config.masks.rmas=yes please"])
+    with pytest.raises(ValueError, match="expected an override"):
+        E.check_overrides("smoke", ["--masks.rmas=false"])
