@@ -14,6 +14,10 @@ level keeps the parameter count with a third of the FLOPs) against diffusers' co
 of about the same parameter count; and the deeper layout on both sides, which separates the
 architecture's share of the gain from the framework's.
 
+Ours runs twice: with `allpet_jax.xla_cpu`'s library choice, which every allpet process makes on import
+(XNNPACK convolutions and dots), and under XLA's own defaults (`ALLPET_XLA_DEFAULTS=1`; YNNPACK and Eigen),
+so the table shows what that choice is worth; `--no-xla-defaults` skips the second.
+
 Each framework runs in its own worker process (the script starts them): XLA's and torch's thread
 pools in one process slow torch down by up to 15x, measured here, which would flatter us. The torch
 workers run once before and once after the JAX workers, and their timings are pooled, so a drift in
@@ -51,8 +55,11 @@ def parse_args(argv=None):
     p.add_argument("--configs", default="64-128-256:64-128-256,32-64-128-256:64-128-256,32-64-128-256:32-64-128-256",
                    help="comma-separated OURS:DIFFUSERS pairs of dash-separated widths per level")
     p.add_argument("--xla-flags", default="", help="XLA_FLAGS for our worker, e.g. "
-                   "'--xla_cpu_experimental_ynn_fusion_type=' (Eigen instead of YNNPACK convolutions)")
-    p.add_argument("--worker", choices=("ours", "theirs"), help=argparse.SUPPRESS)
+                   "'--xla_cpu_experimental_ynn_fusion_type=' (Eigen instead of YNNPACK convolutions); empty: "
+                   "allpet_jax.xla_cpu's choice (XNNPACK convolutions and dots)")
+    p.add_argument("--no-xla-defaults", action="store_true",
+                   help="skip the extra row of ours under XLA's own defaults (ALLPET_XLA_DEFAULTS=1)")
+    p.add_argument("--worker", choices=("ours", "ours-xla-defaults", "theirs"), help=argparse.SUPPRESS)
     p.add_argument("--widths", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -116,7 +123,8 @@ def ours_worker(args, widths) -> dict:
         loss.block_until_ready()
 
     return {"params": count_parameters(model), "times": timed_steps(step, args.repeats), "flops": cost.flops,
-            "memory": cost.total_bytes, "compile_s": compile_s, "version": f"jax {jax.__version__}"}
+            "memory": cost.total_bytes, "compile_s": compile_s, "version": f"jax {jax.__version__}",
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def theirs_worker(args, widths) -> dict:
@@ -149,14 +157,26 @@ def theirs_worker(args, widths) -> dict:
             "version": f"torch {torch.__version__}, diffusers {diffusers.__version__}"}
 
 
+def xla_defaults_cell(result, batch: int, theirs_samples_per_s: float) -> str:
+    if result is None:
+        return "-"
+    samples_per_s = batch / np.median(result["times"])
+    return f"{samples_per_s:.2f}, {samples_per_s / theirs_samples_per_s:.2f}x"
+
+
 def run_worker(kind: str, widths: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--widths", widths, "--batch", str(args.batch),
            "--size", str(args.size), "--latent-channels", str(args.latent_channels),
            "--repeats", str(args.repeats), "--threads", str(args.threads)]
-    env = dict(os.environ, XLA_FLAGS=args.xla_flags) if kind == "ours" and args.xla_flags else None
+    env = None
+    if kind == "ours" and args.xla_flags:
+        env = dict(os.environ, XLA_FLAGS=args.xla_flags)
+    if kind == "ours-xla-defaults":
+        cmd[cmd.index("--worker") + 1] = "ours"
+        env = dict(os.environ, ALLPET_XLA_DEFAULTS="1")
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"  {kind:6s} {widths:16s} median {np.median(result['times']):.3f} s/step", flush=True)
+    print(f"  {kind:17s} {widths:16s} median {np.median(result['times']):.3f} s/step", flush=True)
     return result
 
 
@@ -164,16 +184,17 @@ def main():
     args = parse_args()
     if args.worker:
         widths = tuple(int(c) for c in args.widths.split("-"))
-        result = (ours_worker if args.worker == "ours" else theirs_worker)(args, widths)
+        result = (theirs_worker if args.worker == "theirs" else ours_worker)(args, widths)
         print(json.dumps(result))
         return
 
     pairs = [tuple(spec.split(":")) for spec in args.configs.split(",")]
     theirs_widths = list(dict.fromkeys(t for _, t in pairs))
     ours_widths = list(dict.fromkeys(o for o, _ in pairs))
-    print("timing (torch, then ours, then torch again):", flush=True)
+    print("timing (torch, then ours, ours under XLA's defaults, then torch again):", flush=True)
     torch_before = {w: run_worker("theirs", w, args) for w in theirs_widths}
     ours = {w: run_worker("ours", w, args) for w in ours_widths}
+    defaults = {} if args.no_xla_defaults else {w: run_worker("ours-xla-defaults", w, args) for w in ours_widths}
     torch_after = {w: run_worker("theirs", w, args) for w in theirs_widths}
 
     import flop_rate  # imports JAX: only now, so the peak is measured with the cores free of the workers
@@ -184,12 +205,12 @@ def main():
     first = next(iter(ours.values()))
     print()
     print(f"Train step (fwd + bwd + AdamW), latents {B} x {args.latent_channels} x {args.size} x {args.size}, "
-          f"torch threads {args.threads}; {first['version']} (XLA_FLAGS={args.xla_flags!r}), "
+          f"torch threads {args.threads}; {first['version']} (XLA_FLAGS={first['xla_flags']!r}), "
           f"{torch_before[theirs_widths[0]]['version']}")
     print("| widths ours | widths diffusers | params ours | params diffusers | ours samples/s | diffusers samples/s "
-          f"(pass 1 / pass 2) | ratio | our GFLOP/step | our GFLOP/s | % of peak ({peak:.0f} GFLOP/s) "
-          "| our memory MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          f"(pass 1 / pass 2) | ratio | ours under XLA's defaults: samples/s, ratio | our GFLOP/step | our GFLOP/s "
+          f"| % of peak ({peak:.0f} GFLOP/s) | our memory MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for wo, wt in pairs:
         o, t1, t2 = ours[wo], torch_before[wt], torch_after[wt]
         so = B / np.median(o["times"])
@@ -198,7 +219,8 @@ def main():
         passes = f"{B / np.median(t1['times']):.2f} / {B / np.median(t2['times']):.2f}"
         print(f"| {wo} | {wt} | {o['params'] / 1e6:.2f} M | {t1['params'] / 1e6:.2f} M | {so:.2f} | "
               f"{st:.2f} ({passes}) "
-              f"| {so / st:.2f}x | {o['flops'] / 1e9:.1f} | {rate:.1f} | {100 * rate / peak:.1f} % "
+              f"| {so / st:.2f}x | {xla_defaults_cell(defaults.get(wo), B, st)} | {o['flops'] / 1e9:.1f} | {rate:.1f} "
+              f"| {100 * rate / peak:.1f} % "
               f"| {o['memory'] / 2**20:.0f} |")
     print()
     print(flop_rate.describe_peak(peaks))

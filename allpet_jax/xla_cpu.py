@@ -1,0 +1,53 @@
+"""XLA:CPU settings for our models: convolutions and matrix products through XNNPACK.
+
+jaxlib 0.10 sends convolutions and dots on the CPU through YNNPACK by default, and the weight gradients
+of some convolutions through Eigen. XNNPACK runs them 1.3-3x faster on the 2-core AMD EPYC (AVX2) this
+project is measured on: a 3x3 convolution's forward and both gradients, 8 x 32 x 32 x 64 channels, at
+108 GFLOP/s against 35-47 (`benchmarks/unet_bench.py`'s development; session 9 of issue 17), and the
+latent U-Net's train step at 64-128-256 1.3-2.1x faster, level with PyTorch/oneDNN (the README's table).
+The alternatives measured in the same window, each against the same baseline: Eigen alone (YNNPACK off)
+0.9x; YNNPACK with its element-wise and reduce fusions 1.2x; XNNPACK for element-wise and reductions too,
+or its greedy graph fusion, no better than convolutions and dots alone; `xla_cpu_enable_fast_math` and a
+256-bit vector width no change.
+
+`apply()` runs when `allpet_jax` is imported, before any computation creates XLA's CPU client (which reads
+`XLA_FLAGS` once). It changes nothing when:
+- `XLA_FLAGS` already chooses a library for these ops (the user's choice wins);
+- `ALLPET_XLA_DEFAULTS=1` asks for XLA's own defaults (the benchmarks' baseline rows);
+- jaxlib is not 0.10.x: the flags are experimental, and an unknown flag in `XLA_FLAGS` aborts the process;
+- a backend already exists (the flags would be read too late; jax was used before `allpet_jax` was imported).
+
+The flags change only which library computes a float32 product, so results move by rounding (about 1e-6
+relative); `tests/test_xla_cpu.py` checks the U-Net's output and gradients against a second run with XLA's
+defaults.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+
+FLAGS = (
+    "--xla_cpu_experimental_ynn_fusion_type=",
+    "--xla_cpu_experimental_xnn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION,"
+    "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+)
+TESTED_JAXLIB = "0.10."
+
+
+def apply(environ=os.environ) -> bool:
+    """Add `FLAGS` to `environ["XLA_FLAGS"]` unless one of the module doc's conditions holds; True if added."""
+    current = environ.get("XLA_FLAGS", "")
+    if "ynn_fusion_type" in current or "xnn_fusion_type" in current or environ.get("ALLPET_XLA_DEFAULTS") == "1":
+        return False
+    try:
+        if not importlib.metadata.version("jaxlib").startswith(TESTED_JAXLIB):
+            return False
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        return False
+    environ["XLA_FLAGS"] = " ".join([current, *FLAGS]).strip()
+    return True
