@@ -1,14 +1,16 @@
 """XLA:CPU settings for our models: convolutions and matrix products through XNNPACK.
 
 jaxlib 0.10 sends convolutions and dots on the CPU through YNNPACK by default, and the weight gradients
-of some convolutions through Eigen. XNNPACK runs them 1.3-3x faster on the 2-core AMD EPYC (AVX2) this
-project is measured on: a 3x3 convolution's forward and both gradients, 8 x 32 x 32 x 64 channels, at
-108 GFLOP/s against 35-47 (`benchmarks/unet_bench.py`'s development; session 9 of issue 17), and the
-latent U-Net's train step at 64-128-256 1.3-2.1x faster, level with PyTorch/oneDNN (the README's table).
-The alternatives measured in the same window, each against the same baseline: Eigen alone (YNNPACK off)
+of some convolutions through Eigen. XNNPACK runs them faster on the 2-core AMD EPYC (AVX2) this project is
+measured on: a 3x3 convolution's forward and both gradients, 8 x 32 x 32 x 64 channels, at 108 GFLOP/s
+against 35-47, and the latent U-Net's train step 1.36x faster at 64-128-256 (1.88 -> 1.39 s per batch of 8;
+0.67x -> 0.90x of PyTorch/diffusers in the same quiet run; `benchmarks/unet_bench.py` prints both rows).
+The alternatives, each timed in one quiet window against the same baseline: Eigen alone (YNNPACK off)
 0.9x; YNNPACK with its element-wise and reduce fusions 1.2x; XNNPACK for element-wise and reductions too,
 or its greedy graph fusion, no better than convolutions and dots alone; `xla_cpu_enable_fast_math` and a
-256-bit vector width no change.
+256-bit vector width no change. The projectors (gathers and element-wise work) run at the same speed
+either way, within the machine's run-to-run spread (`benchmarks/radon_bench.py` three times in one quiet
+window: XNNPACK, XLA's defaults, XNNPACK).
 
 `apply()` runs when `allpet_jax` is imported, before any computation creates XLA's CPU client (which reads
 `XLA_FLAGS` once). It changes nothing when:
