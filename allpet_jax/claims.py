@@ -410,7 +410,7 @@ def report(root: str, docs: str) -> str:
               "", downstream, ""]
     if calibration_figure(root, os.path.join(figures, "ws_calibration.png")):
         parts += ["Calibration: the rank of the clean truth among the K samples, per sinogram bin (flat when calibrated; "
-                  "a U when the samples are too narrow):", "", "![rank histograms](figures/ws_calibration.png)", ""]
+                  "a U when the samples are too narrow, a dome when too wide, a slope when biased):", "", "![rank histograms](figures/ws_calibration.png)", ""]
     table, tma = tma_table(root)
     parts += ["## TMA against an oracle (400 lesion-rich slices, DRF 20)", "", table, "",
               "CR bias / RMSE: mean of CR - 1 and root mean square of CR - 1 over the slices with a lesion of that kind.",
