@@ -68,12 +68,17 @@ def make_poisson_guide(to_sinogram: Callable, schedule: Schedule):
 
     def guide(data: PoissonData, x0, t):
         def nll(x0):
-            return jnp.sum(poisson_nll(expected_prompts(data, to_sinogram(x0)), data.y))
+            lam = expected_prompts(data, to_sinogram(x0))
+            return jnp.sum(poisson_nll(lam, data.y)), lam
 
-        g = jax.grad(nll)(x0)
+        g, lam = jax.grad(nll, has_aux=True)(x0)
         axes = tuple(range(1, g.ndim))
         rms = jnp.sqrt(jnp.mean(g**2, axis=axes, keepdims=True)) + 1e-12
-        noise = jnp.sqrt(1.0 - schedule.alpha_bar[t]).reshape((-1,) + (1,) * (g.ndim - 1))
-        return x0 - data.scale * noise * g / rms
+        # A sample whose expected prompts equal its data to rounding has nothing to correct: its gradient is
+        # rounding error, which the normalisation would otherwise blow up to a full step in no direction.
+        misfit = jnp.max(jnp.abs(lam - data.y).reshape(lam.shape[0], -1) / lam.reshape(lam.shape[0], -1), axis=1)
+        fitted = misfit <= 16 * jnp.finfo(lam.dtype).eps
+        noise = jnp.sqrt(1.0 - schedule.alpha_bar[t]) * jnp.where(fitted, 0.0, 1.0)
+        return x0 - data.scale * noise.reshape((-1,) + (1,) * (g.ndim - 1)) * g / rms
 
     return guide
