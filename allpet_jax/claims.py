@@ -1,7 +1,9 @@
 """The paper's claims, judged from the workstation runs (`allpet_jax/workstation.py`): learning curves, and one
 table per claim with its verdict, written as Markdown and PNG figures for docs/.
 
-    python -m allpet_jax.claims --root ~/allpet_runs/ws --docs docs    # -> docs/WORKSTATION.md, docs/figures/ws_*.png
+    python -m allpet_jax.claims --root docs/ws_runs --docs docs    # -> docs/WORKSTATION.md, docs/figures/ws_*.png
+
+`--root` is the runs' root, or the archive of their records the repository keeps (`workstation --archive`).
 
 Runs not finished yet are left out of their table (and the verdict says what is missing), so the report can
 be regenerated as the plan advances.
@@ -19,8 +21,8 @@ from absl import flags
 
 from allpet_jax import cli, metrics, workstation
 from allpet_jax.atomic_write import write_text
-from allpet_jax.experiments import machine
-from allpet_jax.training import checkpointing, runs
+from allpet_jax.experiments import machine, preset_config
+from allpet_jax.training import runs
 from allpet_jax.training.metrics import FILE as METRICS_FILE
 from allpet_jax.training.metrics import read_metrics
 
@@ -415,9 +417,8 @@ def report(root: str, docs: str) -> str:
     parts += ["## TMA against an oracle (400 lesion-rich slices, DRF 20)", "", table, "",
               "CR bias / RMSE: mean of CR - 1 and root mean square of CR - 1 over the slices with a lesion of that kind.",
               "", tma, ""]
-    task_dir = os.path.join(root, "ds500", "task")
-    if checkpointing.has_checkpoint(task_dir):
-        segmentation = tma_segmentation(runs.load_trained(task_dir).config)
+    if any(_json(os.path.join(root, item, "eval", "lesions_drf20", "results.json")) for _, item in TMA_ARMS):
+        segmentation = tma_segmentation(preset_config(workstation.PRESET))  # the TMA arms' slices; no model needed
         tma_figure(segmentation, os.path.join(figures, "ws_tma_maps.png"))
         parts += [segmentation_text(segmentation), "", "![TMA maps](figures/ws_tma_maps.png)", ""]
     parts += ["## Commands", "", "Each finished item's commands, as its `done.json` records them (`<runs>` is the runs' root), "

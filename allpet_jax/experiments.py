@@ -72,14 +72,19 @@ def _up_to_date(result: str, workdir: str, cmd: list, log_path: str) -> bool:
     return os.path.getmtime(result) > newest
 
 
-def check_overrides(preset: str, overrides) -> None:
-    """Raise ValueError unless every `--config.a.b=value` in `overrides` names a field of the preset's config
-    and its value parses as that field's type, so a typo in an arm fails before anything trains."""
+def preset_config(preset: str):
+    """`configs/base.py`'s config of `preset`, read from this checkout (a config file, not a package)."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("_allpet_base_config", os.path.join(ROOT, "configs", "base.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config(preset)
+    return module.get_config(preset)
+
+
+def check_overrides(preset: str, overrides) -> None:
+    """Raise ValueError unless every `--config.a.b=value` in `overrides` names a field of the preset's config
+    and its value parses as that field's type, so a typo in an arm fails before anything trains."""
+    config = preset_config(preset)
     for flag in overrides:
         match = re.fullmatch(r"--config\.([\w.]+)=(.*)", flag)
         if not match:

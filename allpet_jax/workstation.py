@@ -11,6 +11,15 @@ sampled or resumed by hand. Stages an item does not train are symbolic links to 
 An item's `done.json` records its commands and wall time; an interrupted item runs its commands again:
 `train.py` resumes from its last checkpoint (every 250 steps), and an evaluation starts over. After each
 item the runner starts itself again, so it picks up a plan extended meanwhile.
+
+The plan takes longer than one sitting, and a later sitting may be on a fresh machine. With `--archive DIR`
+(the repository keeps one: docs/ws_runs) each finished item's records (`done.json`, each trained stage's
+metrics, each scoring's results.json, results.md and grid.png; no checkpoints) are copied there, an item
+archived with the same commands counts as done, and `python -m allpet_jax.claims --root DIR` reports from
+it. An item whose linked stage has no checkpoint under `--root` first retrains that stage with its item's
+train command (same seed and data; the scores already archived are not repeated):
+
+    nohup python -m allpet_jax.workstation --root ~/allpet_runs/ws --archive docs/ws_runs > ws.log 2>&1 &
 """
 
 from __future__ import annotations
@@ -18,18 +27,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 
 from absl import flags
 
 from allpet_jax import cli
-from allpet_jax.atomic_write import claim_output_dir, write_text
+from allpet_jax.atomic_write import atomic_path, claim_output_dir, write_text
 from allpet_jax.experiments import ROOT, _call, machine
+from allpet_jax.training.metrics import FILE as METRICS_FILE
 
 TOOL = "allpet_jax.workstation"
 PRESET = "workstation"
 DONE = "done.json"
+RECORDS = ("results.json", "results.md", "grid.png")  # what a scoring leaves that the report reads
+RUNS = "<runs>"  # the root, as done.json's commands name it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,18 +127,80 @@ def commands(root: str, item: Item, preset: str = PRESET) -> list:
     return out + [score_command(root, item, a) for a in item.scores]
 
 
-def is_done(root: str, item: Item, preset: str = PRESET) -> bool:
-    """Whether `item` finished with the commands it has now (a changed item runs again, resuming)."""
-    path = os.path.join(root, item.name, DONE)
+def is_done(root: str, item: Item, preset: str = PRESET, archive: str | None = None) -> bool:
+    """Whether `item` finished, under `root` or as `archive` records it, with the commands it has now (a
+    changed item runs again, resuming)."""
+    expected = _portable(commands(root, item, preset), root)
+    return any((done := _read(os.path.join(where, item.name, DONE))) and done.get("commands") == expected
+               for where in ((root, archive) if archive else (root,)))
+
+
+def _portable(cmds: list, root: str) -> list:
+    """Commands without this machine's interpreter, checkout and runs paths (so a moved checkout or root, or
+    another machine, still counts an item as done)."""
+    def portable(p):
+        return "python" if p == sys.executable else p.replace(ROOT + os.sep, "").replace(root, RUNS)
+    return [[portable(p) for p in c] for c in cmds]
+
+
+def trained_stages(item: Item) -> list:
+    """The stages `item`'s train command trains (its `--config.train.stages=`)."""
+    flag = "--config.train.stages="
+    return [s for a in item.train if a.startswith(flag) for s in a[len(flag):].split(",")]
+
+
+def records(root: str, item: Item) -> list:
+    """The small files of a finished item that the report reads, as paths relative to `root`: its done.json,
+    each trained stage's metrics and each scoring's results (those that exist)."""
+    paths = [os.path.join(item.name, DONE)] + [os.path.join(item.name, s, METRICS_FILE) for s in trained_stages(item)]
+    for score in item.scores:
+        out = score[score.index("--out") + 1]
+        paths += [os.path.join(item.name, out, name) for name in RECORDS]
+    return [p for p in paths if os.path.exists(os.path.join(root, p))]
+
+
+def archive_item(root: str, item: Item, archive: str) -> list:
+    """Copy `item`'s `records` from `root` to the same paths under `archive`, each file whole or not at all.
+    Returns the paths copied."""
+    copied = records(root, item)
+    for path in copied:
+        with atomic_path(os.path.join(archive, path), os.path.splitext(path)[1]) as tmp:
+            shutil.copyfile(os.path.join(root, path), tmp)
+    return copied
+
+
+def by_name(name: str) -> Item:
+    return next(i for i in PLAN if i.name == name)
+
+
+TRAINED = "trained.json"  # an item's stages retrained under a root where the item's scores were not run
+
+
+def ensure_linked_stages(root: str, item: Item, preset: str = PRESET) -> list:
+    """Train each stage that `item` links to, unless the item that owns it finished under `root` (it was
+    archived on another machine, or interrupted): that item's train command, its own links first. It resumes
+    from a checkpoint there and repeats no scoring. Returns the items trained."""
+    rebuilt = []
+    for other in dict.fromkeys(o for _, o in item.links):
+        owner = by_name(other)
+        command = _portable([train_command(root, owner, preset)], root)
+        if is_done(root, owner, preset) or _read(os.path.join(root, other, TRAINED)) == command:
+            continue
+        rebuilt += ensure_linked_stages(root, owner, preset)
+        link_stages(root, owner)
+        print(f"[{time.strftime('%H:%M:%S')}] {other}: training its {','.join(trained_stages(owner))} here for "
+              f"{item.name} (not finished under this root)", flush=True)
+        _call(train_command(root, owner, preset), os.path.join(root, other, "run.log"))
+        write_text(os.path.join(root, other, TRAINED), json.dumps(command))
+        rebuilt.append(other)
+    return rebuilt
+
+
+def _read(path: str):
     if not os.path.exists(path):
-        return False
+        return None
     with open(path) as f:
-        return json.load(f).get("commands") == _portable(commands(root, item, preset))
-
-
-def _portable(cmds: list) -> list:
-    """Commands without this machine's interpreter and checkout paths (so a moved checkout is still done)."""
-    return [[("python" if p == sys.executable else p.replace(ROOT + os.sep, "")) for p in c] for c in cmds]
+        return json.load(f)
 
 
 def link_stages(root: str, item: Item) -> None:
@@ -150,7 +225,7 @@ def run_item(root: str, item: Item, preset: str = PRESET) -> float:
         _call(cmd, log)
     wall = time.time() - t0
     write_text(os.path.join(root, item.name, DONE),
-               json.dumps({"commands": _portable(commands(root, item, preset)), "wall_s": wall, "machine": machine(),
+               json.dumps({"commands": _portable(commands(root, item, preset), root), "wall_s": wall, "machine": machine(),
                            "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1))
     return wall
 
@@ -174,29 +249,38 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_string("root", None, "directory of the runs: new, or one this command wrote (rerun to resume)", **into)
     flags.DEFINE_string("preset", PRESET, "configs/base.py preset of every run (smoke: a test of the plan)", **into)
     flags.DEFINE_bool("show", False, "print the plan and what is done, and run nothing", **into)
-    flags.DEFINE_list("only", [], "run just these items (default: every item not done, in order)", **into)
+    flags.DEFINE_list("only", [], "run just these items, in this order (default: every item not done, in the "
+                      "plan's order)", **into)
+    flags.DEFINE_string("archive", None, "copy each finished item's records here, and count an item archived "
+                        "there as done (docs/ws_runs in the repository)", **into)
     flags.mark_flag_as_required("root", flag_values)
 
 
 def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> None:
     del argv
     root = os.path.abspath(os.path.expanduser(flag_values.root))
-    if flag_values.show:
-        print(plan_table(root))
-        return
     unknown = [n for n in flag_values.only if n not in {i.name for i in PLAN}]
     if unknown:
         raise ValueError(f"--only must name items of the plan ({', '.join(i.name for i in PLAN)}); got {unknown}")
-    claim_output_dir(root, TOOL, [i.name for i in PLAN])  # refuses a directory of someone else's files, untouched
+    archive = flag_values.archive and os.path.abspath(os.path.expanduser(flag_values.archive))
+    if flag_values.show:
+        print(plan_table(archive or root))
+        return
+    for path in (root, archive) if archive else (root,):  # each refused if it holds someone else's files, untouched
+        claim_output_dir(path, TOOL, [i.name for i in PLAN])
     preset = flag_values.preset
-    todo = [i for i in PLAN if (not flag_values.only or i.name in flag_values.only) and not is_done(root, i, preset)]
+    order = [by_name(n) for n in flag_values.only] if flag_values.only else PLAN
+    todo = [i for i in order if not is_done(root, i, preset, archive)]
     if not todo:
-        print(plan_table(root))
+        print(plan_table(archive or root))
         return
     item = todo[0]
+    ensure_linked_stages(root, item, preset)
     print(f"[{time.strftime('%H:%M:%S')}] {item.name}: {item.what}", flush=True)
     wall = run_item(root, item, preset)
     print(f"[{time.strftime('%H:%M:%S')}] {item.name} done in {wall / 60:.1f} min", flush=True)
+    if archive:
+        print(f"archived {', '.join(archive_item(root, item, archive))} in {archive}", flush=True)
     if len(todo) > 1:  # the next item with the code as it is now
         sys.stdout.flush()
         os.execv(sys.executable, [sys.executable, "-m", TOOL, *sys.argv[1:]])

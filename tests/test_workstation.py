@@ -1,6 +1,7 @@
 """The workstation plan's pieces, without training: the plan's links and commands, the evaluation at one dose
 and on lesion-rich slices (checked against scikit-image's connected components)."""
 
+import json
 import os
 
 import numpy as np
@@ -65,3 +66,48 @@ def test_lesion_rich_indices_are_the_first_samples_with_a_large_enough_lesion():
     expected = [i for i, area in enumerate(largest) if area >= np.pi * radius**2][:4]
     assert found == expected and len(found) == 4
     assert len(expected) < len(largest)  # some samples are passed over
+
+
+def _finished(root, item, files):
+    """A finished item under `root`: its done.json with the plan's commands, and `files` (path: text)."""
+    for path, text in files.items():
+        os.makedirs(os.path.dirname(os.path.join(root, path)), exist_ok=True)
+        with open(os.path.join(root, path), "w") as f:
+            f.write(text)
+    command = workstation._portable(workstation.commands(root, item), root)
+    os.makedirs(os.path.join(root, item.name), exist_ok=True)
+    with open(os.path.join(root, item.name, workstation.DONE), "w") as f:
+        f.write(json.dumps({"commands": command, "wall_s": 60.0}))
+
+
+def test_an_archived_item_is_done_on_a_fresh_root_and_holds_only_its_records(tmp_path):
+    root, archive, fresh = (str(tmp_path / d) for d in ("runs", "archive", "fresh"))
+    item = workstation.by_name("ds500")
+    records = {"ds500/task/metrics.jsonl": '{"step": 0}\n', "ds500/pixel_regressor/metrics.jsonl": "{}\n",
+               "ds500/eval/low_dose_drf20/results.json": "{}", "ds500/eval/low_dose_drf20/results.md": "r",
+               "ds500/eval/lesions_drf20/results.json": "{}"}
+    _finished(root, item, {**records, "ds500/task/checkpoints/1/x": "weights", "ds500/eval/low_dose_drf4/other.npz": ""})
+    copied = workstation.archive_item(root, item, archive)
+    assert sorted(copied) == sorted([*records, "ds500/done.json"])
+    archived = {os.path.relpath(os.path.join(d, n), archive) for d, _, names in os.walk(archive) for n in names}
+    assert archived == set(copied)  # no checkpoints, no temporaries
+    for path in copied:
+        assert open(os.path.join(archive, path)).read() == open(os.path.join(root, path)).read()
+    assert workstation.is_done(fresh, item, archive=archive) and not workstation.is_done(fresh, item)
+    assert not workstation.is_done(fresh, item, preset="smoke", archive=archive)  # other commands: not done
+
+
+def test_linked_stages_not_finished_here_are_trained_first_then_not_again(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(workstation, "_call", lambda cmd, log: calls.append(cmd[cmd.index("--workdir") + 1]))
+    root = str(tmp_path)
+    item = workstation.by_name("tma_seg")  # links ae's autoencoder and f_rmas_s0's foundation (which links ae's)
+    assert workstation.ensure_linked_stages(root, item) == ["ae", "f_rmas_s0"]
+    assert calls == [os.path.join(root, "ae"), os.path.join(root, "f_rmas_s0")]
+    assert os.readlink(tmp_path / "f_rmas_s0" / "autoencoder") == os.path.join("..", "ae", "autoencoder")
+    assert workstation.ensure_linked_stages(root, workstation.by_name("tma_oracle")) == [] and len(calls) == 2
+
+    fresh = tmp_path / "fresh"
+    _finished(str(fresh), workstation.by_name("ae"), {})  # finished here: used as it is
+    calls.clear()
+    assert workstation.ensure_linked_stages(str(fresh), item) == ["f_rmas_s0"] and len(calls) == 1
