@@ -306,11 +306,17 @@ def source_images(trained, sample: dict, geom, channels: int) -> dict:
     source = np.asarray(sample["source"], np.float32) * np.float32(norm.target_scale / norm.source_scale)
     scale = np.asarray(sample["count_scale"], np.float32).reshape(source.shape[0], -1, 1, 1)[:, :1]
     fbp = sampling.reconstruct(source, geom)["fbp"] / scale
+    return {k: np.asarray(latent.match_channels(v, channels)) for k, v in (("fbp", fbp),
+                                                                          ("osem", clinical_image(sample, geom)))}
+
+
+def clinical_image(sample: dict, geom):
+    """Clinical OSEM of the raw low-dose prompts (`sampling.clinical_osem`), in activity units."""
+    scale = np.asarray(sample["count_scale"], np.float32).reshape(np.shape(sample["prompts"])[0], -1, 1, 1)[:, :1]
     dose = np.asarray(sample["dose"], np.float32).reshape(-1, 1, 1, 1)
-    osem = sampling.clinical_osem(sample["prompts"], geom, normalisation=sample["normalisation"],
+    return sampling.clinical_osem(sample["prompts"], geom, normalisation=sample["normalisation"],
                                   attenuation=sample["attenuation"], scatter=sample["scatter"],
                                   randoms=sample["randoms"]) / (scale * dose)
-    return {k: np.asarray(latent.match_channels(v, channels)) for k, v in (("fbp", fbp), ("osem", osem))}
 
 
 def evaluate_paired(trained, workdir: str, n: int, sampler, steps: int, num_samples: int, seed: int,

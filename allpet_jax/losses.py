@@ -231,8 +231,44 @@ def bridge_loss(predict, key, target, source, *, sigma: float = 1.0, weight=None
     return loss, {"bridge": loss, "total": loss}
 
 
-def regression_loss(prediction, target, weight=None):
+SINOGRAM_LOSSES = ("mse", "ramp")
+
+
+def ramp_mse(err, axis: int = -1):
+    """Per-sample `(B,)` mean squared sinogram error `err` as its image sees it: each view's error weighted
+    in frequency along the bins (`axis`) by a ramp, `|k|`, normalised so that white noise keeps its MSE.
+
+    By the Fourier slice theorem, the squared norm of an image is `int int |w| |P(w, theta)|^2 dw dtheta`
+    of its projections' spectra: the ramp-weighted norm of a sinogram error is the norm of the image error
+    that filtered backprojection makes of it. A plain sinogram MSE weighs every frequency alike, so it
+    charges little for blur (low-frequency sinograms carry most of the energy) that costs the image much.
+    The views are zero-padded to twice their length (a linear, not a circular, spectrum), and the DC term
+    gets the first frequency's weight (a ramp gives it none, which would leave each view's total free).
+    """
+    n = err.shape[axis]
+    length = 2 * n
+    spectrum = jnp.fft.rfft(err, n=length, axis=axis)
+    k = jnp.arange(length // 2 + 1)
+    # each rfft bin stands for itself and its negative frequency, except DC and Nyquist
+    multiplicity = jnp.where((k == 0) | (k == length // 2), 1.0, 2.0)
+    w = jnp.maximum(k, 1).astype(jnp.float32)
+    w = w / (jnp.sum(multiplicity * w) / length)  # mean 1 over the full spectrum
+    shape = [1] * err.ndim
+    shape[axis] = -1
+    energy = (multiplicity * w).reshape(shape) * jnp.square(jnp.abs(spectrum)) / length  # Parseval
+    return jnp.sum(energy.reshape(err.shape[0], -1), axis=1) / (err.size // err.shape[0])
+
+
+def regression_loss(prediction, target, weight=None, sinogram_loss: str = "mse", bin_axis: int = -1):
     """Mean squared error of a deterministic regressor, `(loss, parts)` with parts "regression" and
-    "total"; `weight` broadcasts against `prediction` (e.g. `tma_latent_weight`)."""
-    loss = jnp.mean(weighted_mse(prediction, target, weight))
+    "total"; `weight` broadcasts against `prediction` (e.g. `tma_latent_weight`). `sinogram_loss="ramp"`
+    (for a prediction in sinogram space, bins along `bin_axis`) weighs the error as its image sees it
+    (`ramp_mse`; `weight` then scales the error before its spectrum is taken)."""
+    if sinogram_loss not in SINOGRAM_LOSSES:
+        raise ValueError(f"train.sinogram_loss must be one of {SINOGRAM_LOSSES}; got {sinogram_loss!r}")
+    if sinogram_loss == "ramp":
+        err = prediction - target
+        loss = jnp.mean(ramp_mse(err if weight is None else jnp.sqrt(weight) * err, bin_axis))
+    else:
+        loss = jnp.mean(weighted_mse(prediction, target, weight))
     return loss, {"regression": loss, "total": loss}

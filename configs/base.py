@@ -217,6 +217,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     train.warmup_steps = 1000
     train.weight_decay = 1e-4
     train.clip_norm = 1.0
+    # The sinogram-space loss of the pixel regressor: 'mse', or 'ramp', the error weighted along the bins by a
+    # ramp so that it counts as its image sees it (losses.ramp_mse; docs/RESULTS.md, "Why sinogram PSNR buys
+    # little image PSNR").
+    train.sinogram_loss = "mse"
     train.ema_decay = 0.999
     train.memory_budget_gb = 0.0  # > 0: pick the largest micro-batch whose compiled step fits (per device)
     train.n_devices = 0  # 0: every local device

@@ -73,3 +73,19 @@ def test_train_step_learns_a_known_residual():
         losses.append(float(metrics["loss"]))
     np.testing.assert_allclose(losses[0], np.mean(source**2), rtol=1e-5)
     assert losses[-1] < 0.25 * losses[0], losses  # measured: 0.07x
+
+
+def test_the_ramp_loss_weighs_the_residual_along_the_bins():
+    """`train.sinogram_loss="ramp"`: the untrained model's loss is the ramp-weighted MSE of target - source
+    along the bins (not the views), per `losses.ramp_mse` on the channels-first sinograms."""
+    from allpet_jax import losses as L
+
+    rng = np.random.default_rng(2)
+    source = rng.gamma(2.0, 0.5, size=(2, 1) + SHAPE).astype(np.float32)
+    target = rng.gamma(2.0, 0.5, size=(2, 1) + SHAPE).astype(np.float32)
+    config = _config()
+    config.train.sinogram_loss = "ramp"
+    stage = pixel_regressor.pixel_regressor_stage(config, 1, 1, seed=0)
+    loss, _ = stage.loss_fn(stage.params, stage.frozen, dict(_batch(source, 1), target=jnp.asarray(target)), None)
+    np.testing.assert_allclose(loss, np.mean(L.ramp_mse(jnp.asarray(target - source))), rtol=1e-5)
+    assert abs(float(loss) / float(np.mean(L.ramp_mse(jnp.asarray(target - source).swapaxes(-1, -2)))) - 1) > 1e-3

@@ -335,7 +335,8 @@ def test_check_config_names_the_field():
              ("model.attention_levels", (4,), "attention_levels [4]"), ("diffusion.schedule", "quadratic", "schedule"),
              ("diffusion.val_steps", 101, "diffusion.val_steps"), ("masks.count", "many", "MaskConfig.count"),
              ("data.pretrain_seed", 0, "data.pretrain_seed must be a seed other than data.seed=0"),
-             ("tma.map", "guess", "tma.map must be 'segmented' or 'oracle'")]
+             ("tma.map", "guess", "tma.map must be 'segmented' or 'oracle'"),
+             ("train.sinogram_loss", "l1", "train.sinogram_loss")]
     for field, value, message in cases:
         config = base.get_config("smoke")
         *path, name = field.split(".")

@@ -7,8 +7,9 @@ ids as in the other stages (never dropped). There is no autoencoder, so unlike t
 
 It predicts the residual `target - match_channels(source)`; the U-Net's output convolution starts at
 zero, so the untrained model is exactly the identity baseline (DESIGN.md 2.5, "warm start begins at
-the identity"). Training minimises the MSE to the normalised target, weighted by `1 + alpha * A_sino`
-when the batch carries a TMA map (which is already at sinogram resolution here).
+the identity"). Training minimises the MSE to the normalised target (`train.sinogram_loss="ramp"`: as
+the image sees it, `losses.ramp_mse`), weighted by `1 + alpha * A_sino` when the batch carries a TMA map
+(which is already at sinogram resolution here).
 
 What it is not: a generative model. It has one sampler, `direct`, and no guidance.
 """
@@ -55,6 +56,7 @@ def pixel_regressor_stage(config, target_channels: int, source_channels: int, se
     graphdef, params = stages.split_model(build_pixel_unet(config, target_channels, source_channels, seed))
     tma_alpha = float(config.tma.alpha) if config.tma.enabled else 0.0
     samplers = objectives.SAMPLERS[objectives.objective_of(NAME, config)]
+    sinogram_loss = config.train.get("sinogram_loss", "mse")  # configs saved before it existed
 
     def baseline(batch):
         return match_channels(batch["source"], target_channels)
@@ -71,7 +73,8 @@ def pixel_regressor_stage(config, target_channels: int, source_channels: int, se
     def loss_of(res, batch):
         target = jnp.moveaxis(batch["target"] - baseline(batch), 1, -1)
         # the map is at sinogram resolution: the "latent" grid is the sinogram
-        return losses.regression_loss(res, target, objectives.tma_weight(batch, target.shape[1:3], tma_alpha))
+        return losses.regression_loss(res, target, objectives.tma_weight(batch, target.shape[1:3], tma_alpha),
+                                      sinogram_loss, bin_axis=2)
 
     def loss_fn(p, frozen, batch, keys):
         return loss_of(residual(p, batch), batch)

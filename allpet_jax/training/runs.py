@@ -15,7 +15,7 @@ import os
 
 import ml_collections
 
-from allpet_jax import masks, tasks
+from allpet_jax import losses, masks, tasks
 from allpet_jax.data import pipeline
 from allpet_jax.diffusion import schedules
 from allpet_jax.training import checkpointing, metrics, objectives, pixel_regressor, stages
@@ -47,6 +47,8 @@ def check_config(config, device_count: int, process_count: int = 1) -> None:
     for field in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
         _require(_count(t[field], 1), f"train.{field}", "a positive integer", t[field])
     _require(_count(t.warmup_steps, 0), "train.warmup_steps", "a non-negative integer", t.warmup_steps)
+    _require(t.get("sinogram_loss", "mse") in losses.SINOGRAM_LOSSES, "train.sinogram_loss",
+             f"one of {losses.SINOGRAM_LOSSES}", t.get("sinogram_loss"))
     _require(_count(t.n_devices, 0) and t.n_devices <= device_count, "train.n_devices",
              f"0 (every device) or a count up to the {device_count} device(s) here", t.n_devices)
     # learning_rate > 0: the task's learned skip opens at a rate of 1 / learning_rate (stages.skip_rate)
