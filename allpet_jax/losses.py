@@ -106,19 +106,38 @@ def draw_steps_and_noise(key, schedule: Schedule, batch: int, noise_shape: tuple
     return t, noise
 
 
-def diffusion_loss(predict, key, schedule: Schedule, x0, *, parameterization: str = "eps", weight=None):
+def min_snr_weight(schedule: Schedule, t, parameterization: str, gamma: float):
+    """Min-SNR-gamma loss weights `(B,)` at steps `t` (Hang et al., ICCV 2023): the loss counts as an
+    x0-space MSE weighted by `min(SNR_t, gamma)`, so the nearly noise-free steps, whose x0 error an output
+    loss multiplies by up to `SNR_t + 1`, no longer dominate it. For an output parameterised as `eps`,
+    `x0` or `v` that is `min(SNR, gamma) / SNR`, `min(SNR, gamma)` or `min(SNR, gamma) / (SNR + 1)`."""
+    ab = schedule.alpha_bar[jnp.asarray(t, jnp.int32)]
+    snr = ab / (1.0 - ab)
+    capped = jnp.minimum(snr, gamma)
+    per = {"eps": capped / snr, "x0": capped, "v": capped / (snr + 1.0)}
+    if parameterization not in per:
+        raise ValueError(f"parameterization must be one of {tuple(per)}; got {parameterization!r}")
+    return per[parameterization]
+
+
+def diffusion_loss(predict, key, schedule: Schedule, x0, *, parameterization: str = "eps", weight=None,
+                   min_snr: float = 0.0):
     """Denoising loss of one batch of latents `x0` `(B, h, w, z)` at uniformly drawn steps.
 
     Args:
       predict: `(x_t, t) -> output` with `t` integer steps `(B,)`.
       key: one key, or one per sample `(B,)` (see `draw_steps_and_noise`).
       weight: per-latent-pixel weight broadcastable to `x0` (e.g. `tma_latent_weight`), or None.
+      min_snr: > 0: each sample's loss weighted by `min_snr_weight` with this gamma.
     Returns:
       `(loss, parts)`.
     """
     t, noise = draw_steps_and_noise(key, schedule, x0.shape[0], x0.shape[1:], x0.dtype)
     out = predict(schedules.q_sample(schedule, x0, t, noise), t)
-    loss = jnp.mean(weighted_mse(out, schedules.training_target(schedule, parameterization, x0, t, noise), weight))
+    per_sample = weighted_mse(out, schedules.training_target(schedule, parameterization, x0, t, noise), weight)
+    if min_snr:
+        per_sample = per_sample * min_snr_weight(schedule, t, parameterization, min_snr)
+    loss = jnp.mean(per_sample)
     return loss, {"diffusion": loss, "total": loss}
 
 

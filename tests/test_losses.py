@@ -249,3 +249,21 @@ def test_ramp_mse_against_a_full_spectrum_reference():
                                rtol=1e-5)
     with pytest.raises(ValueError, match="sinogram_loss must be one of"):
         losses.regression_loss(jnp.zeros(3), jnp.zeros(3), sinogram_loss="l1")
+
+
+def test_min_snr_caps_the_loss_of_a_closed_skip_at_gamma():
+    """A closed learned skip with a zero output predicts x0 = 0, so its `v` error is x0 / s_t and its loss
+    (SNR_t + 1) |x0|^2, unbounded as t -> 0; min-SNR-gamma weighting makes it min(SNR_t, gamma) |x0|^2."""
+    schedule = schedules.cosine_schedule(1000)
+    x0 = jax.random.normal(jax.random.key(0), (64, 2, 2, 3))
+    keys = jax.random.split(jax.random.key(1), 64)
+    t, _ = losses.draw_steps_and_noise(keys, schedule, 64, x0.shape[1:])
+    closed = lambda x_t, t: schedules.skip_offset(schedule, x_t, t, 0.0)  # noqa: E731
+    snr = np.asarray(schedule.alpha_bar)[np.asarray(t)] / (1 - np.asarray(schedule.alpha_bar)[np.asarray(t)])
+    energy = np.mean(np.asarray(x0).reshape(64, -1) ** 2, axis=1)
+    plain, _ = losses.diffusion_loss(closed, keys, schedule, x0, parameterization="v")
+    capped, _ = losses.diffusion_loss(closed, keys, schedule, x0, parameterization="v", min_snr=5.0)
+    np.testing.assert_allclose(plain, np.mean((snr + 1) * energy), rtol=2e-3)
+    np.testing.assert_allclose(capped, np.mean(np.minimum(snr, 5.0) * energy), rtol=2e-3)
+    for p, expected in (("eps", np.minimum(snr, 5.0) / snr), ("x0", np.minimum(snr, 5.0))):
+        np.testing.assert_allclose(losses.min_snr_weight(schedule, t, p, 5.0), expected, rtol=1e-4)

@@ -336,7 +336,8 @@ def test_check_config_names_the_field():
              ("diffusion.val_steps", 101, "diffusion.val_steps"), ("masks.count", "many", "MaskConfig.count"),
              ("data.pretrain_seed", 0, "data.pretrain_seed must be a seed other than data.seed=0"),
              ("tma.map", "guess", "tma.map must be 'segmented' or 'oracle'"),
-             ("train.sinogram_loss", "l1", "train.sinogram_loss")]
+             ("train.sinogram_loss", "l1", "train.sinogram_loss"),
+             ("diffusion.task_min_snr", -1.0, "diffusion.task_min_snr must be >= 0")]
     for field, value, message in cases:
         config = base.get_config("smoke")
         *path, name = field.split(".")

@@ -388,6 +388,7 @@ class PairedDiffusion(Denoising, Paired):
     samplers: ClassVar[tuple[str, ...]] = SAMPLERS["diffusion"]
 
     skip_rate: float = 0.0  # > 0: the learned skip (`SkipDenoiser`) on the `v` output, its gate times this rate
+    min_snr: float = 0.0  # > 0: the loss's min-SNR-gamma weighting (`losses.min_snr_weight`)
 
     def __post_init__(self):
         if self.skip_rate and self.parameterization != "v":
@@ -413,7 +414,8 @@ class PairedDiffusion(Denoising, Paired):
         predict = self.predictor(params, frozen, batch, self.training_prompt(batch, drop_keys), x0.shape[1:3])
         loss, parts = losses.diffusion_loss(predict, noise_keys, self.schedule, self.to_model(frozen, batch, x0),
                                             parameterization=self.parameterization,
-                                            weight=tma_weight(batch, x0.shape[1:3], self.tma_alpha))
+                                            weight=tma_weight(batch, x0.shape[1:3], self.tma_alpha),
+                                            min_snr=self.min_snr)
         if self.skip_rate:
             parts = dict(parts, skip_variance=skip_variance(params, self.skip_rate))
         return loss, parts

@@ -104,6 +104,7 @@ def _check_builders(config, names) -> None:
             stages.make_schedule(cfg.diffusion)
             objectives.objective_of(name, cfg)
             stages.skip_rate(name, cfg)
+            stages.task_min_snr(cfg)
     if all(name == pixel_regressor.NAME for name in names):
         return
     ae = nnx.eval_shape(lambda: stages.build_autoencoder(config.model, 0))  # factor and widths

@@ -283,6 +283,14 @@ def prompted_unet(model_cfg, out_channels: int, cond_channels: int, channels, at
     )
 
 
+def task_min_snr(config) -> float:
+    """`diffusion.task_min_snr`: the task loss's min-SNR gamma, 0 for off (configs saved before it had none)."""
+    gamma = float(config.diffusion.get("task_min_snr", 0.0))
+    if not gamma >= 0:
+        raise ValueError(f"diffusion.task_min_snr must be >= 0 (0: off); got {gamma}")
+    return gamma
+
+
 def make_schedule(diffusion_cfg):
     if diffusion_cfg.schedule == "cosine":
         return schedules.cosine_schedule(diffusion_cfg.num_steps)
@@ -314,7 +322,7 @@ def make_objective(name: str, config, unet_graphdef, null_ids, ae_graphdef, targ
     if kind == "diffusion":  # configs saved before task_parameterization existed trained with `parameterization`
         return objectives.PairedDiffusion(**common, **denoising, tma_alpha=tma_alpha, residual=residual,
                                           parameterization=d.get("task_parameterization", d.parameterization),
-                                          skip_rate=skip_rate(name, config))
+                                          skip_rate=skip_rate(name, config), min_snr=task_min_snr(config))
     synthesis = dict(common, **denoising, parameterization=d.parameterization,
                      consistency_weight=float(d.consistency_weight))
     if not masks.get("rmas", True):  # plain synthesis; the mask channel as the configured objective sets it
