@@ -35,6 +35,12 @@ def test_generation_verdict():
     copying = dict(close, **{"500 + RMAS/DMM": [_generation(f, 0.7) for f in (5.0, 6.0, 7.0)]})
     assert claims.generation_table(copying)[1].startswith("**does not hold**")
     assert claims.generation_table({k: [] for k in close})[1].startswith("**pending**")
+    # one seed per arm: two real sets' distance (0.4) is the smallest difference resolved
+    single = {arm: runs[:1] for arm, runs in close.items()}  # RMAS 5.0 against 6.5
+    assert claims.generation_table(single)[1].startswith("**does not hold**")
+    single["5000, no masks"] = [_generation(5.3, 1.0)]
+    assert "(one seed per arm)" in claims.generation_table(single)[1]
+    assert claims.generation_table(single)[1].startswith("**holds**")
 
 
 def _lesion_result(errors):
