@@ -207,6 +207,17 @@ def _posterior_cells(result: dict, row: str) -> str:
     return f"{s['crps']['mean']:.3f} | " + (f"{coverage:.2f}{calibrated}" if coverage is not None else "-")
 
 
+def _gain_row(lines: list, result: dict, shown: str, name: str, drf: int, red: str):
+    """Append row `name` of one evaluation to the downstream table `lines`; returns its gain over clinical OSEM."""
+    s = result["summary"]
+    clinical = s[_row(s, _clinical)]["osem_psnr"]["mean"]
+    g = gain(result, lambda n: n == name)
+    cell = f"{g[0]:+.2f} [{g[1]:+.2f}, {g[2]:+.2f}]" if g else "-"
+    lines.append(f"| {shown} | {drf} | {result['n']} | {clinical:.2f} | {s[name]['osem_psnr']['mean']:.2f} | {cell} "
+                 f"| {red} | {_posterior_cells(result, name)} |")
+    return g
+
+
 def downstream_table(root: str) -> tuple[str, str]:
     lines = ["| arm | DRF | test samples | clinical OSEM + Gaussian, dB | model, dB | gain over clinical OSEM, dB [95% CI] "
              "| RED's gain | rel. CRPS | 90% coverage (calibrated) |", "|---|---|---|---|---|---|---|---|---|"]
@@ -218,7 +229,6 @@ def downstream_table(root: str) -> tuple[str, str]:
                 lines.append(f"| {label} | {drf} | pending | | | | {RED[drf]:+.2f} | | |")
                 continue
             s = r["summary"]
-            clinical = s[_row(s, _clinical)]["osem_psnr"]["mean"]
             rows = [(f"{label}: {_row(s, _is_mean)}", _row(s, _is_mean), f"{RED[drf]:+.2f}")]
             if item == "ds500" and drf == 20:
                 rows += [(f"{name} (500 pairs)", name, "") for name in ("pixel U-Net regressor", "latent U-Net regressor")
@@ -226,12 +236,12 @@ def downstream_table(root: str) -> tuple[str, str]:
                 zero = _row(s, lambda n: n.startswith("zero-pair") and "mean of" in n)
                 rows += [(zero, zero, "")] if zero else []
             for shown, name, red in rows:
-                g = gain(r, lambda n, name=name: n == name)
-                cell = f"{g[0]:+.2f} [{g[1]:+.2f}, {g[2]:+.2f}]" if g else "-"
-                lines.append(f"| {shown} | {drf} | {r['n']} | {clinical:.2f} | {s[name]['osem_psnr']['mean']:.2f} | {cell} "
-                             f"| {red} | {_posterior_cells(r, name)} |")
+                g = _gain_row(lines, r, shown, name, drf, red)
                 if item == "ds500" and drf == 20 and name == rows[0][1]:
                     target = g
+    ramp = _json(os.path.join(root, "ds500_ramp", "eval", "low_dose_drf20", "results.json"))
+    if ramp and "pixel U-Net regressor" in ramp["summary"]:
+        _gain_row(lines, ramp, "pixel U-Net regressor, ramp-weighted loss (500 pairs)", "pixel U-Net regressor", 20, "")
     if target is None:
         return "\n".join(lines), "**pending**: the 500-pair model at DRF 20 is not scored yet"
     holds = target[1] >= 3.0

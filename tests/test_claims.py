@@ -95,6 +95,13 @@ def test_downstream_verdict_posterior_cells_and_calibration_figure(tmp_path):
     assert "| 500 pairs, from scratch | 20 | pending |" in table
     (out / "results.json").write_text(json.dumps(_low_dose_result(clinical + 2.0 + 0.1 * rng.normal(size=256), clinical)))
     assert claims.downstream_table(str(tmp_path))[1].startswith("**does not hold**")
+    ramp = _low_dose_result(clinical + 0.5, clinical)  # the ramp-loss pixel regressor's row, from its own item
+    ramp["summary"]["pixel U-Net regressor"] = ramp["summary"].pop("ALL-PET (ddim 20), mean of 8")
+    ramp["per_sample"]["pixel U-Net regressor"] = ramp["per_sample"].pop("ALL-PET (ddim 20), mean of 8")
+    os.makedirs(tmp_path / "ds500_ramp" / "eval" / "low_dose_drf20")
+    (tmp_path / "ds500_ramp" / "eval" / "low_dose_drf20" / "results.json").write_text(json.dumps(ramp))
+    assert "| pixel U-Net regressor, ramp-weighted loss (500 pairs) | 20 | 256 |" in claims.downstream_table(str(tmp_path))[0]
+    assert "+0.50 [+0.50, +0.50]" in claims.downstream_table(str(tmp_path))[0]
     assert claims.calibration_figure(str(tmp_path / "none"), str(tmp_path / "c.png")) is None
     assert os.path.getsize(claims.calibration_figure(str(tmp_path), str(tmp_path / "c.png"))) > 5000
 
