@@ -143,7 +143,12 @@ def generation_table(results: dict) -> tuple[str, str]:
     spread = max([np.std(x, ddof=1) for x in (rmas, plain, big) if len(x) > 1], default=0.0)
     # two sets of fresh real sinograms are this far apart: no difference below it is resolved (one seed per arm)
     floor_distance = float(np.mean([r["fresh real sinograms"]["frechet"] for runs in results.values() for r in runs]))
-    tolerance = max(spread, floor_distance)
+    # each distance's own sampling noise (generation.frechet_sd; runs scored before it existed have none): two
+    # arms' means differ beyond it by twice the root sum of squares of their standard errors
+    sd = {a: np.array([r["model"].get("frechet_sd", 0.0) for r in results[a]], float)
+          for a in ("500 + RMAS/DMM", "5000, no masks")}
+    sampling_noise = 2.0 * float(np.sqrt(sum(np.sum(v**2) / len(v) ** 2 for v in sd.values())))
+    tolerance = max(spread, floor_distance, sampling_noise)
     close = abs(rmas.mean() - big.mean()) <= tolerance
     mem = {a: np.array([r["model"]["memorisation_median"] for r in results[a]], float) for a in ("500 + RMAS/DMM", "500, no masks")}
     less = mem["500 + RMAS/DMM"].mean() - mem["500, no masks"].mean()
@@ -153,8 +158,9 @@ def generation_table(results: dict) -> tuple[str, str]:
     clearly = less > max(mem_spread, 0.02)
     verdict = (f"Frechet distance: 500 + RMAS {rmas.mean():.3g}, 5000 {big.mean():.3g} (difference "
                f"{rmas.mean() - big.mean():+.3g}; seed spread {spread:.2g}{' (one seed per arm)' if spread == 0 else ''}, "
-               f"fresh real sinograms' distance {floor_distance:.2g}): {'within' if close else 'outside'} the larger of "
-               f"the two; 500 without masks {plain.mean():.3g}. Memorisation ratio (median; fresh real sinograms "
+               f"fresh real sinograms' distance {floor_distance:.2g}, sampling noise of the difference "
+               f"{sampling_noise:.2g}): {'within' if close else 'outside'} the largest of the three; 500 without masks "
+               f"{plain.mean():.3g}. Memorisation ratio (median; fresh real sinograms "
                f"{real:.3f}): 500 without masks {mem['500, no masks'].mean():.3f}, RMAS minus no masks {less:+.3f} "
                f"(above 0 is less memorised; seed spread {mem_spread:.2g})")
     if not copies:

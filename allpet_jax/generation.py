@@ -93,6 +93,17 @@ def frechet(generated_features, reference_features) -> float:
     return metrics.feature_frechet_distance(generated_features, reference_features)
 
 
+def frechet_sd(generated_features, reference_features, key, num_resamples: int = 100) -> float:
+    """The bootstrap standard deviation of `frechet`: both sets resampled with replacement `num_resamples`
+    times. It is the sampling noise of one distance, so two arms' distances differ beyond their sampling
+    noise only when they differ by about twice the root sum of squares of their two values."""
+    kg, kr = jax.random.split(key)
+    ng, nr = len(generated_features), len(reference_features)
+    ig = np.asarray(jax.random.randint(kg, (num_resamples, ng), 0, ng))
+    ir = np.asarray(jax.random.randint(kr, (num_resamples, nr), 0, nr))
+    return float(np.std([frechet(generated_features[a], reference_features[b]) for a, b in zip(ig, ir)], ddof=1))
+
+
 def _unit_total(x) -> np.ndarray:
     x = np.asarray(x, np.float64).reshape(len(x), -1)
     return x / np.maximum(np.abs(x.sum(axis=1, keepdims=True)), 1e-30)
@@ -159,8 +170,10 @@ def score(generated, real, train, held_out, geom: radon.Geometry) -> dict:
     with memorisation against `train` and an equal-size `held_out`."""
     g = np.asarray(generated, np.float32)
     ratio = memorisation_ratio(g, train, held_out)
+    features, real_features = generation_features(g, geom), generation_features(real, geom)
     return {
-        "frechet": frechet(generation_features(g, geom), generation_features(real, geom)),
+        "frechet": frechet(features, real_features),
+        "frechet_sd": frechet_sd(features, real_features, jax.random.key(0)),
         "hl_residual": float(np.mean(metrics.helgason_ludwig_residual(g, geom)["mean"])),
         "range_residual": float(np.mean(metrics.range_residual(g, geom))),
         "negative_fraction": float(np.mean(metrics.negative_fraction(g))),

@@ -41,6 +41,10 @@ def test_generation_verdict():
     single["5000, no masks"] = [_generation(5.3, 1.0)]
     assert "(one seed per arm)" in claims.generation_table(single)[1]
     assert claims.generation_table(single)[1].startswith("**holds**")
+    noisy = {arm: [dict(r, model=dict(r["model"], frechet_sd=1.0)) for r in runs] for arm, runs in single.items()}
+    noisy["5000, no masks"] = [dict(noisy["5000, no masks"][0], model=dict(noisy["5000, no masks"][0]["model"], frechet=7.5))]
+    verdict = claims.generation_table(noisy)[1]  # 5.0 against 7.5, each +-1.0: within 2 sqrt(2) = 2.8
+    assert verdict.startswith("**holds**") and "sampling noise of the difference 2.8" in verdict
 
 
 def _lesion_result(errors):

@@ -63,3 +63,14 @@ def test_nearest_distance_matches_brute_force():
     unit = lambda a: a.reshape(len(a), -1) / a.reshape(len(a), -1).sum(axis=1, keepdims=True)  # noqa: E731
     brute = np.sqrt(((unit(q)[:, None] - unit(r)[None]) ** 2).sum(-1)).min(axis=1)
     np.testing.assert_allclose(generation.nearest_distance(q, r, chunk=3), brute, rtol=1e-9, atol=1e-12)
+
+
+def test_frechet_sd_falls_as_one_over_root_n():
+    """Two sets from one Gaussian: the bootstrap spread of their Frechet distance shrinks about as 1/N (a
+    squared distance) at fixed dimension; at 16x the samples, by far more than 4x."""
+    rng = np.random.default_rng(0)
+    sds = [generation.frechet_sd(rng.standard_normal((n, 6)), rng.standard_normal((n, 6)), jax.random.key(1), 50)
+           for n in (100, 1600)]
+    assert sds[0] > 0 and 6 < sds[0] / sds[1] < 40, sds  # measured: 14.8
+    same = rng.standard_normal((200, 6))
+    assert generation.frechet_sd(same, same, jax.random.key(2), 20) == generation.frechet_sd(same, same, jax.random.key(2), 20)
