@@ -16,8 +16,9 @@ The plan takes longer than one sitting, and a later sitting may be on a fresh ma
 (the repository keeps one: docs/ws_runs) each finished item's records (`done.json`, each trained stage's
 metrics, each scoring's results.json, results.md and grid.png; no checkpoints) are copied there, an item
 archived with the same commands counts as done, and `python -m allpet_jax.claims --root DIR` reports from
-it. An item whose linked stage has no checkpoint under `--root` first retrains that stage with its item's
-train command (same seed and data; the scores already archived are not repeated):
+it. An item that links to a stage whose own item did not finish under `--root` first trains that stage with
+its item's train command, resuming any checkpoint there (same seed and data; the archived scores are not
+repeated):
 
     nohup python -m allpet_jax.workstation --root ~/allpet_runs/ws --archive docs/ws_runs > ws.log 2>&1 &
 """
