@@ -96,11 +96,6 @@ PLAN = (
     Item("tma_oracle", "the same with the oracle attention (the phantom's lesion labels); lesion-rich slices", 55,
          ("--config.train.stages=task", "--config.tma.enabled=True", "--config.tma.map=oracle"),
          links=(("autoencoder", "ae"), ("foundation", "f_rmas_s0")), scores=(LESIONS,)),
-    Item("ds500_ramp", "low_dose, 500 pairs: the pixel regressor trained with the ramp-weighted sinogram loss (the "
-                       "error as its image sees it), beside ds500's task and latent regressor; scored at DRF 20", 40,
-         ("--config.train.stages=pixel_regressor", "--config.train.sinogram_loss=ramp"),
-         links=(("autoencoder", "ae"), ("foundation", "f_rmas_s0"), ("task", "ds500"), ("regressor", "ds500")),
-         scores=(_low_dose_eval(20),)),
     Item("ds500_scratch", "low_dose, 500 pairs, task from scratch (no foundation), scored at DRF 20", 45,
          ("--config.train.stages=task",), links=(("autoencoder", "ae"),), scores=(_low_dose_eval(20),)),
     Item("ds5000_scratch", "low_dose, 5000 pairs, task from scratch", 50,
@@ -112,6 +107,11 @@ PLAN = (
     _foundation("f_plain_s1", "foundation, 500, no masks, seed 1", 1, False),
     _foundation("f_rmas_s2", "foundation, 500, RMAS/DMM, seed 2", 2, True),
     _foundation("f_plain_s2", "foundation, 500, no masks, seed 2", 2, False),
+    Item("ds500_ramp", "low_dose, 500 pairs: the pixel regressor trained with the ramp-weighted sinogram loss (the "
+                       "error as its image sees it), beside ds500's task and latent regressor; scored at DRF 20", 40,
+         ("--config.train.stages=pixel_regressor", "--config.train.sinogram_loss=ramp"),
+         links=(("autoencoder", "ae"), ("foundation", "f_rmas_s0"), ("task", "ds500"), ("regressor", "ds500")),
+         scores=(_low_dose_eval(20),)),
 )
 
 
