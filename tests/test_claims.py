@@ -102,6 +102,18 @@ def test_downstream_verdict_posterior_cells_and_calibration_figure(tmp_path):
     # 90 % coverage of 8 samples next to a calibrated 8-member ensemble's, 7/9 = 0.78 (metrics.calibrated_coverage)
     assert "| +5.45 | 0.125 | 0.61 (0.78) |" in table
     assert "| 500 pairs, from scratch | 20 | pending |" in table
+    # the ceilings are scored like the arms, paired against clinical OSEM; an image-only row has no CRPS
+    with_ceilings = _low_dose_result(clinical + 4.0, clinical)
+    for name, offset, crps in (("ceiling: autoencoder D(E(clean target))", 9.0, {"mean": 0.04}),
+                               ("full-dose clinical OSEM (reference)", 6.0, None)):
+        with_ceilings["summary"][name] = {"osem_psnr": {"mean": float(np.mean(clinical + offset))}}
+        with_ceilings["summary"][name].update({"crps": crps} if crps else {})
+        with_ceilings["per_sample"][name] = {"osem_psnr": list(clinical + offset)}
+    (out / "results.json").write_text(json.dumps(with_ceilings))
+    table = claims.downstream_table(str(tmp_path))[0]
+    assert "| the autoencoder's round trip of the clean target (a latent model's best) | 20 | 256 |" in table
+    assert "| +9.00 [+9.00, +9.00] |  | 0.040 | - |" in table
+    assert "| full-dose clinical OSEM | 20 | 256 |" in table and "| +6.00 [+6.00, +6.00] |  | - | - |" in table
     (out / "results.json").write_text(json.dumps(_low_dose_result(clinical + 2.0 + 0.1 * rng.normal(size=256), clinical)))
     assert claims.downstream_table(str(tmp_path))[1].startswith("**does not hold**")
     ramp = _low_dose_result(clinical + 0.5, clinical)  # the ramp-loss pixel regressor's row, from its own item
