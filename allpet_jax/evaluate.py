@@ -414,7 +414,35 @@ def evaluate_paired(trained, workdir: str, n: int, sampler, steps: int, num_samp
     reference = "pixel U-Net regressor" if "pixel U-Net regressor" in rows else "identity"
     return {"rows": rows, "reference": reference, "deltas": paired_deltas(rows, reference, jax.random.key(seed)),
             "num_samples": num_samples, "post_filter_sigma_px": sigmas, "generate_s": timings,
-            "checkpoint_steps": steps_used, "rank_histograms": rank_histograms}
+            "checkpoint_steps": steps_used, "rank_histograms": rank_histograms,
+            "figure_rows": figure_rows(sinograms, images, sigmas, test, geom)}
+
+
+FIGURE_SLICES = 4
+
+
+def figure_rows(sinograms: dict, images: dict, sigmas: dict, test: dict, geom, shown: int = FIGURE_SLICES) -> list:
+    """`plots.comparison_figure` rows of the first `shown` test slices, as each row was scored (OSEM,
+    post-filtered with its own tuned width): the true activity, clinical OSEM of the low-dose prompts, the
+    task model's mean of K, the pixel regressor, full-dose clinical OSEM, and the model's error."""
+    def osem(name):
+        if name in images:
+            img = images[name]["test"]["osem"][:shown]
+        else:
+            img = image_space(sinograms[name]["test"][:shown], {"count_scale": np.asarray(test["count_scale"])[:shown]},
+                              geom)["osem"]
+        return gaussian(np.asarray(img), sigmas[name].get("osem", 0.0))[:, 0]
+
+    truth = np.asarray(test["image"], np.float32)[:shown, 0]
+    model = next((n for n in sinograms if n.startswith("ALL-PET (") and "mean of" in n), None)
+    model = model or next((n for n in sinograms if n.startswith("ALL-PET (")), None)
+    rows = [("true activity", truth, "value"), ("clinical OSEM, low dose", osem(SOURCE_CLINICAL), "value")]
+    rows += [(name.replace(" (ddim", "\n(ddim"), osem(name), "value") for name in (model, "pixel U-Net regressor")
+             if name in sinograms]
+    rows.append(("full-dose clinical OSEM", osem(FULL_DOSE), "value"))
+    if model:
+        rows.append(("model - truth", osem(model) - truth, "error"))
+    return rows
 
 
 def evaluate_synthesis(trained, n: int, sampler, steps: int, seed: int, progress: bool = True,
@@ -555,7 +583,7 @@ def main(argv, flag_values: flags.FlagValues = FLAGS):
     # unwritable one fails now.
     from allpet_jax.atomic_write import claim_output_dir
 
-    claim_output_dir(out, TOOL, ("results.md", "results.json"))
+    claim_output_dir(out, TOOL, ("results.md", "results.json", "grid.png"))
     n = flag_values.num_inputs or sampling.pipeline.split_size(trained.config.data, "test")
     t0 = time.perf_counter()
     if not tasks.is_paired(flag_values.task):
@@ -573,6 +601,11 @@ def main(argv, flag_values: flags.FlagValues = FLAGS):
                                  test_indices=lesion_rich_indices(trained, n, flag_values.min_lesion_radius_px)
                                  if flag_values.min_lesion_radius_px > 0 else None)
         rows = result.pop("rows")
+        from allpet_jax import plots
+
+        plots.comparison_figure(os.path.join(out, "grid.png"), result.pop("figure_rows"),
+                                title=f"{flag_values.task}: OSEM images of {FIGURE_SLICES} test slices, each post-filtered "
+                                      "as scored")
         summary = summarise(rows)
         tables = paired_report(result, summary)
         record = {"per_sample": per_sample(rows)}

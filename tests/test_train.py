@@ -220,6 +220,7 @@ def test_evaluate_scores_every_method(smoke_run, tmp_path):
     assert "| identity |" in report and "95 % bootstrap interval" in report
     assert report.count("| ceiling: autoencoder D(E(clean target)) |") == 4  # on every table
     assert "%|" in out.stderr  # the sampling progress bar
+    assert (tmp_path / "grid.png").stat().st_size > 5000  # the OSEM images of the first test slices, as scored
 
     _run("allpet_jax.evaluate", "--workdir", workdir, "--task", "synthesis", "--num_inputs", 4, "--steps", 3,
          "--cfg_scale", 2, "--out", tmp_path / "synthesis")
