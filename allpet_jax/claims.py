@@ -423,6 +423,15 @@ def segmentation_text(segmentation: dict) -> str:
             f"rest of the body (the oracle's: 1 and 0).")
 
 
+def _copy_grid(root: str, item: str, scoring: str, figures: str, name: str) -> str | None:
+    """Copy `item`'s `eval/<scoring>/grid.png` to `figures/<name>`; returns `name`, or None if it has none."""
+    grid = os.path.join(root, item, "eval", scoring, "grid.png")
+    if not os.path.exists(grid):
+        return None
+    shutil.copyfile(grid, os.path.join(figures, name))
+    return name
+
+
 # --- the report --------------------------------------------------------------------------------------------
 
 
@@ -447,10 +456,7 @@ def report(root: str, docs: str) -> str:
     table, generation = generation_table(generation_results(root))
     parts += ["", "## Generation: 500 sinograms with RMAS/DMM against 500 and 5000 without", "", table, "", generation, ""]
     for arm, prefix in GENERATION_ARMS.items():
-        grid = os.path.join(root, f"{prefix}0", "eval", "generation", "grid.png")
-        if os.path.exists(grid):
-            name = f"ws_generation_{prefix}0.png"
-            shutil.copyfile(grid, os.path.join(figures, name))
+        if name := _copy_grid(root, f"{prefix}0", "generation", figures, f"ws_generation_{prefix}0.png"):
             parts += [f"{arm}, seed 0 (generated above, real below):", "", f"![{arm}](figures/{name})", ""]
     table, downstream = downstream_table(root)
     parts += ["## Downstream: low_dose at 500 pairs against tuned clinical OSEM", "", table, "",
@@ -460,6 +466,9 @@ def report(root: str, docs: str) -> str:
     if calibration_figure(root, os.path.join(figures, "ws_calibration.png")):
         parts += ["Calibration: the rank of the clean truth among the K samples, per sinogram bin (flat when calibrated; "
                   "a U when the samples are too narrow, a dome when too wide, a slope when biased):", "", "![rank histograms](figures/ws_calibration.png)", ""]
+    if name := _copy_grid(root, "ds500", "low_dose_drf20", figures, "ws_downstream_drf20.png"):
+        parts += ["What the numbers look like: the first test slices at DRF 20, each row reconstructed and "
+                  "post-filtered as it was scored:", "", f"![DRF 20 images](figures/{name})", ""]
     table, tma = tma_table(root)
     parts += ["## TMA against an oracle (400 lesion-rich slices, DRF 20)", "", table, "",
               "CR bias / RMSE: mean of CR - 1 and root mean square of CR - 1 over the slices with a lesion of that kind.",
@@ -468,6 +477,9 @@ def report(root: str, docs: str) -> str:
         segmentation = tma_segmentation(preset_config(workstation.PRESET))  # the TMA arms' slices; no model needed
         tma_figure(segmentation, os.path.join(figures, "ws_tma_maps.png"))
         parts += [segmentation_text(segmentation), "", "![TMA maps](figures/ws_tma_maps.png)", ""]
+    for label, item in TMA_ARMS:
+        if name := _copy_grid(root, item, "lesions_drf20", figures, f"ws_lesions_{item}.png"):
+            parts += [f"{label}: the first lesion-rich test slices, as scored:", "", f"![{label}](figures/{name})", ""]
     parts += ["## Commands", "", "Each finished item's commands, as its `done.json` records them (`<runs>` is the runs' root), "
               "and its wall time:", ""]
     for item in workstation.PLAN:

@@ -165,7 +165,11 @@ def test_report_of_a_plan_barely_started(tmp_path):
     command = ["python", "train.py", "--workdir", str(root / "ae"), "--config.train.stages=autoencoder"]
     (root / "ae" / "done.json").write_text(json.dumps({"commands": [command], "wall_s": 600.0, "machine": "m",
                                                       "finished": "today"}))
+    os.makedirs(root / "ds500" / "eval" / "low_dose_drf20")  # a scoring's picture reaches the report before its numbers
+    (root / "ds500" / "eval" / "low_dose_drf20" / "grid.png").write_bytes(b"png")
     text = claims.report(str(root), str(docs))
+    assert "![DRF 20 images](figures/ws_downstream_drf20.png)" in text
+    assert (docs / "figures" / "ws_downstream_drf20.png").read_bytes() == b"png"
     assert "python train.py --workdir <runs>/ae --config.train.stages=autoencoder" in text  # portable commands
     assert "`ae` (10 min, m, finished today)" in text
     what_holds = text[text.index("## What holds"):]
