@@ -217,6 +217,8 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_integer("num_inputs", 512, "generated sinograms (and real held-out ones for the distance)", **into)
     flags.DEFINE_integer("steps", 50, "DDIM steps", **into)
     flags.DEFINE_integer("seed", 0, "sampling seed", **into)
+    flags.DEFINE_bool("last", False, "score the latest checkpoint instead of the one with the best validation loss "
+                      "(a model that memorises does so late, and picking the best checkpoint can hide it)", **into)
     flags.DEFINE_string("out", "", "where results.json, results.md and grid.png go (default WORKDIR/eval/generation)",
                         **into)
     flags.mark_flag_as_required("workdir", flag_values)
@@ -229,7 +231,7 @@ def main(argv, flag_values: flags.FlagValues = FLAGS) -> None:
         raise ValueError(f"--num_inputs must be >= 2 and --steps >= 1; got {flag_values.num_inputs}, {flag_values.steps}")
     out = claim_output_dir(flag_values.out or os.path.join(flag_values.workdir, "eval", "generation"), TOOL,
                            ("results.json", "results.md", "grid.png", "samples.npz"))
-    trained = sampling.load_for_task(tasks.SYNTHESIS, flag_values.workdir, best=True)
+    trained = sampling.load_for_task(tasks.SYNTHESIS, flag_values.workdir, best=not flag_values.last)
     geom = sampling.geometry_of(trained)
     n, n_train = flag_values.num_inputs, int(trained.config.data.n_train)
     t0 = time.perf_counter()
@@ -256,7 +258,8 @@ def main(argv, flag_values: flags.FlagValues = FLAGS) -> None:
     ceiling = score(autoencoder_roundtrip(trained, fresh)[:, 0], real, train, held["target"][:n_train, 0], geom)
     grid(generated, real, geom, os.path.join(out, "grid.png"),
          f"{flag_values.workdir}: foundation step {trained.step}, DDIM {flag_values.steps}")
-    record = {"workdir": flag_values.workdir, "step": trained.step, "n": n, "n_train": n_train,
+    record = {"workdir": flag_values.workdir, "step": trained.step, "checkpoint": "last" if flag_values.last else "best",
+              "n": n, "n_train": n_train,
               "steps": flag_values.steps, "generate_s": generate_s, "wall_s": time.perf_counter() - t0,
               "model": result, "fresh real sinograms": reference, "autoencoder ceiling": ceiling,
               "command": "python -m allpet_jax.generation " + " ".join(sys.argv[1:])}

@@ -180,3 +180,36 @@ def test_report_of_a_plan_barely_started(tmp_path):
     assert "`ae` (10 min, m, finished today)" in text
     what_holds = text[text.index("## What holds"):]
     assert what_holds.count("**pending**") == 3 and os.path.exists(docs / "WORKSTATION.md")
+
+
+def test_median_difference_ci_matches_scipy_bootstrap():
+    from scipy import stats
+
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(0.3, 1.0, 400), rng.normal(0.0, 1.0, 300)
+    ours = claims.median_difference_ci(a, b, claims.jax.random.key(0), num_resamples=2000)
+    ref = stats.bootstrap((a, b), lambda x, y, axis=-1: np.median(x, axis=axis) - np.median(y, axis=axis),
+                          method="percentile", n_resamples=2000, random_state=rng).confidence_interval
+    assert abs(ours["mean"] - (np.median(a) - np.median(b))) < 1e-12
+    assert abs(ours["lo"] - ref.low) < 0.02 and abs(ours["hi"] - ref.high) < 0.02
+
+
+def _control(ratios, step=3000):
+    r = _generation(6.0, float(np.median(ratios)))
+    r["model"]["memorisation_ratio"] = list(ratios)
+    return dict(r, step=step)
+
+
+def test_small_data_control_verdict():
+    rng = np.random.default_rng(2)
+    copying, fresh = 0.5 + 0.05 * rng.normal(size=256), 1.0 + 0.05 * rng.normal(size=256)
+    best = {"50, no masks": [_control(fresh, 1000)], "50 + RMAS/DMM": [_control(fresh, 1000)]}
+    last = {"50, no masks": [_control(copying)], "50 + RMAS/DMM": [_control(fresh)]}
+    table, finding = claims.small_data_control(best, last, [_generation(6.5, 1.0)])
+    assert finding.endswith("**RMAS/DMM reduces copying where copying arises**.")
+    assert f"| 50, no masks | last (3000) | 6 | {np.median(copying):.3f} |" in table and "| 5000, no masks" in table
+    last["50 + RMAS/DMM"] = [_control(copying + 0.01)]
+    assert claims.small_data_control(best, last, [])[1].endswith("does not reduce copying where copying arises**.")
+    last["50, no masks"] = [_control(fresh)]
+    assert "cannot show" in claims.small_data_control(best, last, [])[1]
+    assert claims.small_data_control(best, {}, [])[1].startswith("**pending**")

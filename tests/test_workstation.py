@@ -24,10 +24,14 @@ def test_the_plan_links_only_to_earlier_items_and_writes_under_each_item(tmp_pat
                 assert cmd[cmd.index("--out") + 1].startswith(os.path.join(str(tmp_path), item.name, ""))
             if "--workdir" in cmd:
                 assert cmd[cmd.index("--workdir") + 1] == os.path.join(str(tmp_path), item.name)
-    # the claims' arms: three seeds of each 500-sinogram foundation, one of 5000, equal steps (U-Net passes)
+    # the claims' arms: three seeds of each 500-sinogram foundation, one of 5000 and one of each 50-sinogram control
+    # arm, equal steps (U-Net passes)
     foundations = [item for item in workstation.PLAN if "--config.train.stages=foundation" in item.train]
     arms = [tuple(sorted(a for a in item.train if "rmas" in a or "n_train" in a)) for item in foundations]
-    assert sorted(map(arms.count, set(arms))) == [1, 3, 3]
+    seeds = {arm: arms.count(arm) for arm in arms}
+    assert sorted(seeds.values()) == [1, 1, 1, 3, 3]
+    assert {arm for arm, n in seeds.items() if n == 3} == {("--config.data.n_train=500", f"--config.masks.rmas={r}")
+                                                        for r in (True, False)}
     assert not any("steps" in a for item in foundations for a in item.train)
 
 
