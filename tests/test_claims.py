@@ -122,6 +122,17 @@ def test_downstream_verdict_posterior_cells_and_calibration_figure(tmp_path):
     verdict = claims.downstream_table(str(tmp_path))[1]
     assert verdict.startswith("**holds**") and "trained three times as long, +3.50 dB [+3.50, +3.50]" in verdict
     longer.joinpath("results.json").unlink()
+    # the foundation's contribution: paired by test sample with the scratch arm when both scored the same samples
+    scratch = tmp_path / "ds500_scratch" / "eval" / "low_dose_drf20"
+    os.makedirs(scratch)
+    scratch.joinpath("results.json").write_text(json.dumps(_low_dose_result(clinical + 2.5, clinical)))
+    ds500 = json.loads((out / "results.json").read_text())
+    expected = np.mean(np.asarray(ds500["per_sample"]["ALL-PET (ddim 20), mean of 8"]["osem_psnr"]) - clinical - 2.5)
+    verdict = claims.downstream_table(str(tmp_path))[1]
+    assert f"fine-tuned minus from scratch, both 500 pairs): {expected:+.2f} dB" in verdict
+    scratch.joinpath("results.json").write_text(json.dumps(_low_dose_result(clinical + 2.5, clinical + 0.1)))
+    assert "fine-tuned minus from scratch" not in claims.downstream_table(str(tmp_path))[1]  # other test samples
+    scratch.joinpath("results.json").unlink()
     ramp = _low_dose_result(clinical + 0.5, clinical)  # the ramp-loss pixel regressor's row, from its own item
     ramp["summary"]["pixel U-Net regressor"] = ramp["summary"].pop("ALL-PET (ddim 20), mean of 8")
     ramp["per_sample"]["pixel U-Net regressor"] = ramp["per_sample"].pop("ALL-PET (ddim 20), mean of 8")
