@@ -19,7 +19,7 @@ from allpet_jax.models import (
     parameter_overview,
     sinogram_map_to_latent,
 )
-from allpet_jax.models.layers import GroupNorm, depth_to_space, space_to_depth
+from allpet_jax.models.layers import Conv, GroupNorm, depth_to_space, space_to_depth
 from model_helpers import TINY_AE, quick_jit, rngs
 
 TINY_UNET = dict(channels=(8, 16), num_res_blocks=1, attention_levels=(1,), num_heads=2, max_groups=4,
@@ -70,6 +70,34 @@ def test_group_norm_matches_flax():
     np.testing.assert_allclose(ours(x), ref(x), atol=1e-5)
     film = (jnp.full((3, 16), 0.5), jnp.full((3, 16), -1.0))
     np.testing.assert_allclose(ours(x, film), ref(x) * 1.5 - 1.0, atol=1e-5)
+
+
+def test_group_norm_and_conv_gradients_match_flax():
+    """The hand-written VJPs (group_norm, add_bias) against autodiff of nnx.GroupNorm and nnx.Conv."""
+    x = jax.random.normal(jax.random.key(0), (3, 6, 4, 16)) * 2.0 + 1.0
+    weight = jax.random.normal(jax.random.key(1), x.shape)
+    film = (jax.random.normal(jax.random.key(2), (3, 16)) * 0.3, jax.random.normal(jax.random.key(3), (3, 16)))
+    scale, bias = jax.random.normal(jax.random.key(4), (16,)), jax.random.normal(jax.random.key(5), (16,))
+
+    def loss(norm, x, film):
+        out = norm(x, film) if isinstance(norm, GroupNorm) else norm(x) * (1.0 + film[0][:, None, None]) + film[1][:, None, None]
+        return jnp.sum(jnp.sin(out) * weight)
+
+    grads = []
+    for norm in (GroupNorm(16, 4, rngs=rngs(0)), nnx.GroupNorm(16, 4, epsilon=1e-6, rngs=rngs(0))):
+        norm.scale[...], norm.bias[...] = scale, bias
+        params = nnx.grad(lambda m: loss(m, x, film))(norm)
+        grads.append([*jax.grad(lambda x, f, m=norm: loss(m, x, f), argnums=(0, 1))(x, film),
+                      params["scale"][...], params["bias"][...]])
+    for ours, ref in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(ref))))
+    convs = [cls(16, 8, (3, 3), rngs=rngs(0)) for cls in (Conv, nnx.Conv)]
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), nnx.state(convs[0]), nnx.state(convs[1])))
+    for conv in convs:
+        conv.bias[...] = jnp.arange(8.0)
+    conv_grads = [nnx.grad(lambda m: jnp.sum(jnp.sin(m(x)) * weight[..., :8]))(conv) for conv in convs]
+    for ours, ref in zip(jax.tree.leaves(conv_grads[0]), jax.tree.leaves(conv_grads[1])):
+        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_space_to_depth_round_trip():

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from allpet_jax.models.layers import (
+    Conv,
     Downsample,
     GroupNorm,
     ResBlock,
@@ -44,7 +45,7 @@ class Encoder(nnx.Module):
         self.shortcut = (
             nnx.Linear(self.factor**2 * in_channels, 2 * latent_channels, rngs=rngs) if patch_shortcut else None
         )
-        self.conv_in = nnx.Conv(in_channels, channels[0], (3, 3), rngs=rngs)
+        self.conv_in = Conv(in_channels, channels[0], (3, 3), rngs=rngs)
         blocks, downs = [], []
         prev = channels[0]
         for i, ch in enumerate(channels):
@@ -61,7 +62,7 @@ class Encoder(nnx.Module):
         # With the shortcut the convolutions start as a zero residual; the log-variance starts at
         # INITIAL_LOGVAR so early training is not drowned in posterior noise of unit variance.
         z = latent_channels
-        self.conv_out = nnx.Conv(
+        self.conv_out = Conv(
             prev, 2 * z, (3, 3),
             kernel_init=nnx.initializers.zeros if patch_shortcut else nnx.initializers.lecun_normal(),
             bias_init=lambda key, shape, dtype: jnp.concatenate([jnp.zeros(z), jnp.full(z, INITIAL_LOGVAR)]).astype(
@@ -91,7 +92,7 @@ class Decoder(nnx.Module):
             nnx.Linear(latent_channels, self.factor**2 * out_channels, rngs=rngs) if patch_shortcut else None
         )
         top = channels[-1]
-        self.conv_in = nnx.Conv(latent_channels, top, (3, 3), rngs=rngs)
+        self.conv_in = Conv(latent_channels, top, (3, 3), rngs=rngs)
         self.mid = ResBlock(top, top, max_groups=max_groups, rngs=rngs)
         blocks, ups = [], []
         prev = top
@@ -105,7 +106,7 @@ class Decoder(nnx.Module):
         self.blocks = nnx.List(blocks)
         self.ups = nnx.List(ups)
         self.norm_out = GroupNorm(prev, group_count(prev, max_groups), rngs=rngs)
-        self.conv_out = nnx.Conv(
+        self.conv_out = Conv(
             prev, out_channels, (3, 3),
             kernel_init=nnx.initializers.zeros if patch_shortcut else nnx.initializers.lecun_normal(), rngs=rngs,
         )

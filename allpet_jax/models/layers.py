@@ -1,10 +1,18 @@
 """Convolutional building blocks shared by the sinogram autoencoder and the latent U-Net (Flax NNX).
 
 All blocks work on channels-last arrays `(B, H, W, C)`, the layout XLA's convolutions prefer.
+
+Per-channel sums over the pixels (GroupNorm's statistics and gradients, a convolution's bias gradient)
+are written as vector-matrix products (`channel_sums`, the custom VJPs of `group_norm` and `add_bias`).
+Autodiff writes them as reductions over the non-minor axes, which XLA:CPU runs several times slower than a
+dot: one such reduction of 8 x 32 x 32 x 192 took 3.7 ms against 0.7 ms as a dot, and inside the U-Net's
+train step the fused ones took up to 27 ms each (issue 17, session 12, Intel Xeon, `jax.profiler`). With
+both, the 64-128-256 U-Net's train step (benchmarks/unet_bench.py's shapes) went from 0.78 to 0.63 s.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -17,15 +25,97 @@ def group_count(channels: int, max_groups: int = 32) -> int:
     return math.gcd(channels, max_groups)
 
 
+def channel_sums(x):
+    """`(B, H, W, C)` -> `(B, C)`: the sums over `H` and `W`, as a batched vector-matrix product."""
+    B, H, W, C = x.shape
+    return jnp.einsum("bn,bnc->bc", jnp.ones((B, H * W), x.dtype), x.reshape(B, H * W, C))
+
+
+def _group_stats(x, num_groups: int, epsilon: float):
+    """Each group's mean and inverse standard deviation (biased variance), repeated per channel: `(B, C)` each."""
+    B, H, W, C = x.shape
+    per, n = C // num_groups, H * W * (C // num_groups)
+    mean = channel_sums(x).reshape(B, num_groups, per).sum(-1) / n
+    mean_sq = channel_sums(x * x).reshape(B, num_groups, per).sum(-1) / n
+    inv = jax.lax.rsqrt(jnp.maximum(mean_sq - mean * mean, 0.0) + epsilon)
+    return jnp.repeat(mean, per, axis=1), jnp.repeat(inv, per, axis=1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def group_norm(x, gamma, beta, num_groups: int, epsilon: float):
+    """`(x - mean) * inv * gamma + beta` of `(B, H, W, C)`, the statistics per sample and group, with a
+    per-sample, per-channel `gamma` and `beta` `(B, C)`."""
+    return _group_norm_fwd(x, gamma, beta, num_groups, epsilon)[0]
+
+
+def _group_norm_fwd(x, gamma, beta, num_groups, epsilon):
+    mean, inv = _group_stats(x, num_groups, epsilon)
+    a = inv * gamma
+    return x * a[:, None, None] + (beta - mean * a)[:, None, None], (x, gamma, mean, inv)
+
+
+def _group_norm_bwd(num_groups, epsilon, residuals, dy):
+    """With `xhat = (x - mean) * inv` and `g = dy * gamma`: d beta = sum dy, d gamma = sum dy * xhat (over
+    H, W), and dx = inv * (g - mean_group(g) - xhat * mean_group(g * xhat)), written as one pass
+    `dy * p + x * q + r` with per-(sample, channel) coefficients."""
+    x, gamma, mean, inv = residuals
+    B, H, W, C = x.shape
+    per, n = C // num_groups, H * W * (C // num_groups)
+    d_beta = channel_sums(dy)
+    d_gamma = inv * (channel_sums(dy * x) - mean * d_beta)
+
+    def group_mean(v):  # (B, C) -> the mean over each group's pixels and channels, repeated per channel
+        return jnp.repeat(v.reshape(B, num_groups, per).sum(-1), per, axis=1) / n
+
+    m1, m2 = group_mean(gamma * d_beta), group_mean(gamma * d_gamma)
+    p, q, r = inv * gamma, -inv * inv * m2, inv * (inv * m2 * mean - m1)
+    return dy * p[:, None, None] + x * q[:, None, None] + r[:, None, None], d_gamma, d_beta
+
+
+group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
+@jax.custom_vjp
+def add_bias(y, bias):
+    """`y + bias` over the last axis; the bias gradient is a vector-matrix product (module doc)."""
+    return y + bias
+
+
+def _add_bias_fwd(y, bias):
+    return y + bias, None
+
+
+def _add_bias_bwd(_, dy):
+    channels = dy.shape[-1]
+    return dy, jnp.ones((dy.size // channels,), dy.dtype) @ dy.reshape(-1, channels)
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
+class Conv(nnx.Conv):
+    """`nnx.Conv` with the same parameters (names, shapes, initialisation and random keys) whose bias is
+    added by `add_bias`, so that its gradient is a dot (module doc)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.adds_bias = self.use_bias
+        self.use_bias = False  # nnx.Conv's call then leaves the bias to ours
+
+    def __call__(self, x):
+        y = super().__call__(x)
+        return add_bias(y, self.bias[...]) if self.adds_bias else y
+
+
 class GroupNorm(nnx.Module):
     """Group normalisation (Wu & He 2018) of `(B, H, W, C)`, written for speed on XLA:CPU.
 
     Same maths as `nnx.GroupNorm` (biased variance, `epsilon` inside the square root, learned per-channel
-    scale and bias) but computed as per-channel sums over `H*W` (one fused pass over the activations),
-    tiny per-group arithmetic on `(B, C)`, and a single fused `x * a + b`. `nnx.GroupNorm` reshapes to
-    `(B, H, W, G, C/G)` and reduces over non-minor axes, which XLA:CPU runs about ten times slower at
-    U-Net sizes (measured in `benchmarks/unet_bench.py`'s development). An optional per-sample
-    `(scale, shift)` `(B, C)` pair (FiLM) is folded into the same `a`, `b`.
+    scale and bias) but computed by `group_norm`: per-channel sums over `H*W` as dots (module doc), tiny
+    per-group arithmetic on `(B, C)`, and a single fused `x * a + b`; its gradient is written by hand in the
+    same form. `nnx.GroupNorm` reshapes to `(B, H, W, G, C/G)` and reduces over non-minor axes, which
+    XLA:CPU runs about ten times slower at U-Net sizes (measured in `benchmarks/unet_bench.py`'s
+    development). An optional per-sample `(scale, shift)` `(B, C)` pair (FiLM) is folded into `gamma`, `beta`.
     """
 
     def __init__(self, num_features: int, num_groups: int = 32, *, epsilon: float = 1e-6, rngs: nnx.Rngs):
@@ -37,19 +127,12 @@ class GroupNorm(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
 
     def __call__(self, x, film=None):
-        B, H, W, C = x.shape
-        G = self.num_groups
-        flat = x.reshape(B, H * W, C).astype(jnp.float32)
-        n = H * W * (C // G)
-        mean = jnp.sum(flat, axis=1).reshape(B, G, C // G).sum(-1) / n  # (B, G)
-        mean_sq = jnp.sum(flat * flat, axis=1).reshape(B, G, C // G).sum(-1) / n
-        inv = jax.lax.rsqrt(jnp.maximum(mean_sq - mean * mean, 0.0) + self.epsilon)
-        a = jnp.repeat(inv, C // G, axis=1) * self.scale[...]  # (B, C)
-        b = self.bias[...] - jnp.repeat(mean, C // G, axis=1) * a
+        B, C = x.shape[0], x.shape[-1]
+        gamma, beta = jnp.broadcast_to(self.scale[...], (B, C)), jnp.broadcast_to(self.bias[...], (B, C))
         if film is not None:
             scale, shift = film
-            a, b = a * (1.0 + scale), b * (1.0 + scale) + shift
-        return (x * a[:, None, None, :].astype(x.dtype) + b[:, None, None, :].astype(x.dtype))
+            gamma, beta = gamma * (1.0 + scale), beta * (1.0 + scale) + shift
+        return group_norm(x.astype(jnp.float32), gamma, beta, self.num_groups, self.epsilon).astype(x.dtype)
 
 
 class ResBlock(nnx.Module):
@@ -63,15 +146,15 @@ class ResBlock(nnx.Module):
     def __init__(self, in_features: int, out_features: int, *, emb_features: int | None = None,
                  max_groups: int = 32, rngs: nnx.Rngs):
         self.norm1 = GroupNorm(in_features, group_count(in_features, max_groups), rngs=rngs)
-        self.conv1 = nnx.Conv(in_features, out_features, (3, 3), rngs=rngs)
+        self.conv1 = Conv(in_features, out_features, (3, 3), rngs=rngs)
         self.norm2 = GroupNorm(out_features, group_count(out_features, max_groups), rngs=rngs)
-        self.conv2 = nnx.Conv(out_features, out_features, (3, 3), kernel_init=nnx.initializers.zeros, rngs=rngs)
+        self.conv2 = Conv(out_features, out_features, (3, 3), kernel_init=nnx.initializers.zeros, rngs=rngs)
         self.emb = (
             nnx.Linear(emb_features, 2 * out_features, kernel_init=nnx.initializers.zeros, rngs=rngs)
             if emb_features
             else None
         )
-        self.skip = nnx.Conv(in_features, out_features, (1, 1), rngs=rngs) if in_features != out_features else None
+        self.skip = Conv(in_features, out_features, (1, 1), rngs=rngs) if in_features != out_features else None
 
     def __call__(self, x, emb=None):
         h = self.conv1(jax.nn.silu(self.norm1(x)))
@@ -84,7 +167,7 @@ class Downsample(nnx.Module):
     """Halve `H` and `W` with a stride-2 3x3 convolution."""
 
     def __init__(self, features: int, *, rngs: nnx.Rngs):
-        self.conv = nnx.Conv(features, features, (3, 3), strides=2, rngs=rngs)
+        self.conv = Conv(features, features, (3, 3), strides=2, rngs=rngs)
 
     def __call__(self, x):
         return self.conv(x)
@@ -94,7 +177,7 @@ class Upsample(nnx.Module):
     """Double `H` and `W`: nearest-neighbour repeat, then a 3x3 convolution (no checkerboard artefacts)."""
 
     def __init__(self, features: int, *, rngs: nnx.Rngs):
-        self.conv = nnx.Conv(features, features, (3, 3), rngs=rngs)
+        self.conv = Conv(features, features, (3, 3), rngs=rngs)
 
     def __call__(self, x):
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from allpet_jax.models.layers import Downsample, GroupNorm, ResBlock, SpatialSelfAttention, Upsample, group_count
+from allpet_jax.models.layers import Conv, Downsample, GroupNorm, ResBlock, SpatialSelfAttention, Upsample, group_count
 
 GEOMETRY_SCALE = 512.0
 
@@ -109,7 +109,7 @@ class LatentUNet(nnx.Module):
             )
             return nnx.List([res, attn])
 
-        self.conv_in = nnx.Conv(latent_channels + cond_channels, channels[0], (3, 3), rngs=rngs)
+        self.conv_in = Conv(latent_channels + cond_channels, channels[0], (3, 3), rngs=rngs)
         skips = [channels[0]]
         down, downsample = [], []
         prev = channels[0]
@@ -143,7 +143,7 @@ class LatentUNet(nnx.Module):
         self.up = nnx.List(up)
         self.upsample = nnx.List(upsample)
         self.norm_out = GroupNorm(prev, group_count(prev, max_groups), rngs=rngs)
-        self.conv_out = nnx.Conv(prev, latent_channels, (3, 3), kernel_init=nnx.initializers.zeros, rngs=rngs)
+        self.conv_out = Conv(prev, latent_channels, (3, 3), kernel_init=nnx.initializers.zeros, rngs=rngs)
         if learned_skip:
             self.skip_gate = nnx.Param(jnp.zeros((), jnp.float32))
 
