@@ -12,15 +12,19 @@ or its greedy graph fusion, no better than convolutions and dots alone; `xla_cpu
 either way, within the machine's run-to-run spread (`benchmarks/radon_bench.py` three times in one quiet
 window: XNNPACK, XLA's defaults, XNNPACK).
 
-On Intel CPUs PyTorch runs its convolutions through oneDNN, which is why it leads there (issue 17; the
-README's Intel table). jaxlib 0.10.2 has oneDNN compiled in, but only dots can reach it
+On Intel CPUs PyTorch runs its convolutions through oneDNN. jaxlib 0.10.2 has oneDNN compiled in, but only
+dots can reach it
 (`--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=LIBRARY_FUSION_TYPE_DOT` makes
 `__onednn_fusion` dots). Its convolution rewriter is gated off in this build: XLA runs it only when
 `IsOneDnnCompatible`, which needs `ENABLE_ONEDNN_ASYNC`. With `--xla_cpu_experimental_onednn_custom_call=true`
 the compiled step still holds plain `convolution`s (checked in the optimised HLO, session 11). Writing a 3x3
 convolution as patches times a matrix, so that oneDNN's or XNNPACK's dot takes it, runs at 39-46 GFLOP/s
 against 102 for XNNPACK's convolution (forward and both gradients, 8 x 32 x 32 x 64; one run on a loaded
-Intel Xeon). So no flag of this jaxlib gives our convolutions PyTorch's library.
+Intel Xeon). So no flag of this jaxlib gives our convolutions PyTorch's library, and none is needed: on a
+quiet Intel Xeon XNNPACK's 3x3 convolutions, forward and both gradients, run at 246-280 GFLOP/s, 80-90% of
+sgemm (session 12), and a Winograd F(2x2, 3x3) convolution through its dots is slower. The train step's
+remaining gap to PyTorch lies outside the convolutions (the README's train-step section; `models/layers.py`
+on the per-channel sums that were most of it).
 
 `apply()` runs when `allpet_jax` is imported, before any computation creates XLA's CPU client (which reads
 `XLA_FLAGS` once). It changes nothing when:
