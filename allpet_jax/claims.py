@@ -155,6 +155,7 @@ def generation_table(results: dict) -> tuple[str, str]:
         return max(spread, floor_distance, 2.0 * float(np.sqrt(sum(np.sum(v**2) / len(v) ** 2 for v in noise))))
 
     tolerance = resolution("500 + RMAS/DMM", "5000, no masks")
+    masks_res = resolution("500 + RMAS/DMM", "500, no masks")
     close = abs(rmas.mean() - big.mean()) <= tolerance
     data_gap = plain.mean() - big.mean()  # > 0: the 5000 arm generates better than the 500 arm without masks
     data_helps = data_gap > resolution("500, no masks", "5000, no masks")
@@ -168,7 +169,9 @@ def generation_table(results: dict) -> tuple[str, str]:
                f"masks {plain.mean():.3g}; RMAS minus 5000 {rmas.mean() - big.mean():+.3g}, {'within' if close else 'outside'} "
                f"what the test resolves, {tolerance:.2g} (the largest of the seed spread {spread:.2g}"
                f"{' (one seed per arm)' if spread == 0 else ''}, two real sets' distance {floor_distance:.2g} and twice the "
-               f"distances' sampling noise). Memorisation ratio (median; fresh real sinograms {real:.3f}): 500 without "
+               f"distances' sampling noise); RMAS minus 500 without masks {rmas.mean() - plain.mean():+.3g}, "
+               f"{'resolved' if abs(rmas.mean() - plain.mean()) > masks_res else 'not resolved'} (the test resolves "
+               f"{masks_res:.2g} between them). Memorisation ratio (median; fresh real sinograms {real:.3f}): 500 without "
                f"masks {mem['500, no masks'].mean():.3f}, RMAS minus no masks {less:+.3f} (above 0 is less memorised; "
                f"seed spread {mem_spread:.2g})")
     if not data_helps:

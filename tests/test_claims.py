@@ -45,6 +45,7 @@ def test_generation_verdict():
     noisy["5000, no masks"] = [dict(noisy["5000, no masks"][0], model=dict(noisy["5000, no masks"][0]["model"], frechet=7.5))]
     verdict = claims.generation_table(noisy)[1]  # 5.0 against 7.5, each +-1.0: within 2 sqrt(2) = 2.8
     assert verdict.startswith("**holds**") and "within what the test resolves, 2.8" in verdict
+    assert "RMAS minus 500 without masks -4, resolved (the test resolves 2.8 between them)" in verdict  # 5 vs 9
 
 
 def _lesion_result(errors):
