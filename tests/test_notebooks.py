@@ -14,16 +14,10 @@ def test_the_three_notebooks_exist():
     assert NOTEBOOKS == ["ablations.ipynb", "lowshot.ipynb", "tour.ipynb"]
 
 
-@pytest.fixture(scope="module")
-def xla_cache(tmp_path_factory):
-    """One persistent compilation cache for the notebooks' runs (they compile the same programs)."""
-    return str(tmp_path_factory.mktemp("xla_cache"))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_runs_on_the_smoke_preset(name, tmp_path, monkeypatch, xla_cache):
-    monkeypatch.setenv("ALLPET_XLA_CACHE", xla_cache)
+def test_notebook_runs_on_the_smoke_preset(name, tmp_path, monkeypatch):
+    # The notebooks' runs compile in the session's XLA cache (conftest.py), shared with the other tests.
     monkeypatch.setenv("ALLPET_PRESET", "smoke")
     monkeypatch.setenv("ALLPET_RUNS_DIR", str(tmp_path))
     monkeypatch.setenv("ALLPET_ROOT", ROOT)
