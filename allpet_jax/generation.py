@@ -24,6 +24,10 @@ Two reference rows come with every score: fresh real sinograms (the floor: what 
 the same sinograms through the model's autoencoder, `D(E(x))` (the ceiling of a latent model: its decoder's
 artefacts, such as 4x4 blocks, are in every sample it can draw).
 
+**Latents** (`latent_statistics`, results.json's "latents"): the sampled latents against the encoded real
+ones, by standard deviation and by power in radial frequency bands. A latent model's samples can only be as
+good as the latents it draws; ratios below 1 mean samples shrunk towards the mean, off the decoder's manifold.
+
 **Memorisation** (`memorisation_ratio`): for each generated sinogram, the distance to its nearest neighbour
 in the training set over the distance to its nearest neighbour in a held-out set of the same size (both
 simulated with the model's own data config; sinograms compared after division by their total counts, so the
@@ -52,16 +56,40 @@ BANDS = 6  # radial frequency bands of the power spectra
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
 
 
+def band_means(x) -> np.ndarray:
+    """Mean power `|FFT|^2 / (H W)` of each mean-free image `(N, H, W)` in `BANDS` equal bands of radial
+    frequency up to Nyquist (corners in the last) -> `(N, BANDS)`; white noise of variance `s^2` has `s^2`
+    in every band but the lowest, whose zero frequency (the mean) is removed (Parseval)."""
+    x = np.asarray(x, np.float64)
+    n, h, w = x.shape
+    power = np.abs(np.fft.fft2(x - x.mean(axis=(1, 2), keepdims=True))) ** 2 / (h * w)
+    fy, fx = np.meshgrid(np.fft.fftfreq(h), np.fft.fftfreq(w), indexing="ij")
+    band = np.minimum((np.hypot(fy, fx) / 0.5 * BANDS).astype(int), BANDS - 1)
+    return np.stack([power[:, band == b].mean(axis=1) for b in range(BANDS)], axis=1)
+
+
 def band_power(x) -> np.ndarray:
     """Radially averaged power of each image `(N, H, W)` in `BANDS` equal bands of radial frequency up to
     Nyquist, as log10 of each band's power over the lowest band's -> `(N, BANDS - 1)`."""
-    x = np.asarray(x, np.float64)
-    n, h, w = x.shape
-    power = np.abs(np.fft.fft2(x - x.mean(axis=(1, 2), keepdims=True))) ** 2
-    fy, fx = np.meshgrid(np.fft.fftfreq(h), np.fft.fftfreq(w), indexing="ij")
-    band = np.minimum((np.hypot(fy, fx) / 0.5 * BANDS).astype(int), BANDS - 1)
-    sums = np.stack([power[:, band == b].mean(axis=1) for b in range(BANDS)], axis=1) + 1e-30
+    sums = band_means(x) + 1e-30
     return np.log10(sums[:, 1:] / sums[:, :1])
+
+
+def latent_statistics(generated, real, clip: float | None) -> dict:
+    """The sampled latents `(N, h, w, Z)` against the real sinograms' latents (the same stage's encoding): a
+    sampler that draws the real distribution has ratios of 1; below 1, its samples are shrunk towards the
+    mean, off the decoder's manifold, which the decoder renders as blocks. With the real latents' tails
+    against the sampler's clip of predicted clean latents (`diffusion.clip_x0`, None for none)."""
+    g, r = np.asarray(generated, np.float64), np.asarray(real, np.float64)
+    channels = lambda z: np.moveaxis(z, -1, 1).reshape((-1,) + z.shape[1:3])
+    bands = band_means(channels(g)).mean(axis=0) / band_means(channels(r)).mean(axis=0)
+    out = {"std_ratio": float(g.std() / r.std()), "band_power_ratio": [float(b) for b in bands],
+           "real_std": float(r.std()), "real_abs_q99": float(np.quantile(np.abs(r), 0.99)),
+           "generated_abs_q99": float(np.quantile(np.abs(g), 0.99)), "real_abs_max": float(np.abs(r).max())}
+    if clip:
+        out["real_share_beyond_clip"] = float(np.mean(np.abs(r) > clip))
+        out["real_samples_beyond_clip"] = float(np.mean(np.abs(r).reshape(len(r), -1).max(axis=1) > clip))
+    return out
 
 
 def image_features(images) -> np.ndarray:
@@ -242,14 +270,16 @@ def main(argv, flag_values: flags.FlagValues = FLAGS) -> None:
     samples_path = os.path.join(out, "samples.npz")
     batch = sampling.model_batch(trained, {"prompt": held["prompt"][:n],
                                            "geometry_only": np.zeros_like(held["target"][:n], np.float32)})
-    generated = sampling.generate(trained, batch, jax.random.key(flag_values.seed), num_steps=flag_values.steps,
-                                  progress="generating")[0][:, 0]
+    z = sampling.generate(trained, batch, jax.random.key(flag_values.seed), num_steps=flag_values.steps,
+                          progress="generating", latents=True)[0]
+    generated = sampling.decode(trained, z)[:, 0]
     generate_s = time.perf_counter() - t0
     with open(samples_path + ".tmp", "wb") as f:
         np.savez(f, generated=generated)
     os.replace(samples_path + ".tmp", samples_path)
     real = held["target"][:n, 0]
     result = score(generated, real, train, held["target"][:n_train, 0], geom)
+    latents = latent_statistics(z, sampling.encode(trained, held["target"][:n]), trained.config.diffusion.clip_x0)
     fresh = sampling.simulated_inputs(trained, n, "test", start=max(n, n_train))["target"]
     reference = score(fresh[:, 0], real, train, held["target"][:n_train, 0], geom)  # the floor of each score
     # the ceiling of a latent model: fresh real sinograms through the autoencoder, D(E(x))
@@ -261,7 +291,7 @@ def main(argv, flag_values: flags.FlagValues = FLAGS) -> None:
     record = {"workdir": flag_values.workdir, "step": trained.step, "checkpoint": "last" if flag_values.last else "best",
               "n": n, "n_train": n_train,
               "steps": flag_values.steps, "generate_s": generate_s, "wall_s": time.perf_counter() - t0,
-              "model": result, "fresh real sinograms": reference, "autoencoder ceiling": ceiling,
+              "model": result, "fresh real sinograms": reference, "autoencoder ceiling": ceiling, "latents": latents,
               "command": "python -m allpet_jax.generation " + " ".join(sys.argv[1:])}
     write_text(os.path.join(out, "results.json"), json.dumps(record, indent=1))
     keys = ("frechet", "hl_residual", "range_residual", "negative_fraction", "memorisation_median",
@@ -270,6 +300,9 @@ def main(argv, flag_values: flags.FlagValues = FLAGS) -> None:
     for name, r in (("generated", result), ("fresh real (floor)", reference),
                     ("autoencoder D(E(fresh real)) (ceiling)", ceiling)):
         lines.append(f"| {name} | " + " | ".join(f"{r[k]:.4g}" for k in keys) + " |")
+    lines.append(f"\nsampled latents against the real ones: std ratio {latents['std_ratio']:.3f}, power ratio by "
+                 "radial frequency band (low to high) " + " ".join(f"{b:.2f}" for b in latents["band_power_ratio"])
+                 + f"; |z| 99th percentile {latents['generated_abs_q99']:.2f} against {latents['real_abs_q99']:.2f}")
     write_text(os.path.join(out, "results.md"), f"`{record['command']}` (step {trained.step}, {n} samples)\n\n"
                + "\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)

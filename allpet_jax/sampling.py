@@ -201,8 +201,9 @@ def model_batch(trained: runs.TrainedStage, inputs: dict, roi_file: str = "", fr
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_generate(stage_generate, sampler, num_steps, eta, guidance, cfg_scale=1.0):
-    return jax.jit(lambda p, fz, b, k: stage_generate(p, fz, b, k, sampler, num_steps, eta, guidance, cfg_scale))
+def _compiled_generate(stage_generate, sampler, num_steps, eta, guidance, cfg_scale=1.0, decode=True):
+    extra = {} if decode else {"decode": False}  # only latent stages take `decode`
+    return jax.jit(lambda p, fz, b, k: stage_generate(p, fz, b, k, sampler, num_steps, eta, guidance, cfg_scale, **extra))
 
 
 GUIDANCE_FIELDS = ("prompts", "normalisation", "attenuation", "scatter", "randoms", "dose")
@@ -266,8 +267,10 @@ def add_poisson_data(trained: runs.TrainedStage, batch: dict, inputs: dict, dose
 
 def generate(trained: runs.TrainedStage, batch: dict, key, *, sampler: str | None = None, num_steps: int | None = None,
              eta: float | None = None, num_samples: int = 1, chunk: int = 0, guidance: float = 0.0,
-             progress: str | bool = True, cfg_scale: float = 1.0) -> np.ndarray:
-    """`(num_samples, N, C, A, B)` sinograms in counts. Sample `k` of the chunk starting at input `lo`
+             progress: str | bool = True, cfg_scale: float = 1.0, latents: bool = False) -> np.ndarray:
+    """`(num_samples, N, C, A, B)` sinograms in counts (with `latents`, the sampled latents
+    `(num_samples, N, h, w, C * z)` of a latent stage instead, undecoded: `decode` turns them into the same
+    sinograms). Sample `k` of the chunk starting at input `lo`
     uses `fold_in(fold_in(key, k), lo)`: the same key, inputs and `chunk` reproduce the same samples.
     `progress` shows a tqdm bar on stderr over the `num_samples * N` sinograms, with the sample and chunk
     being drawn (the first chunk includes compilation): a string is its description, True a plain
@@ -278,7 +281,9 @@ def generate(trained: runs.TrainedStage, batch: dict, key, *, sampler: str | Non
     n = batch["prompt"].shape[0]
     chunk = chunk or int(trained.config.data.batch_size)
     n_chunks = -(-n // chunk)
-    fn = _compiled_generate(trained.stage.generate, sampler, num_steps, eta, guidance, cfg_scale)
+    if latents and trained.stage.decode is None:
+        raise ValueError(f"the {trained.name} stage has no latent space to return")
+    fn = _compiled_generate(trained.stage.generate, sampler, num_steps, eta, guidance, cfg_scale, not latents)
     outs = []
     description = progress if isinstance(progress, str) else "sampling"
     with tqdm(total=num_samples * n, desc=description, unit="sino", disable=not progress, leave=True,
@@ -294,7 +299,34 @@ def generate(trained: runs.TrainedStage, batch: dict, key, *, sampler: str | Non
                 parts.append(np.asarray(out)[: min(chunk, n - lo)])
                 bar.update(parts[-1].shape[0])
             outs.append(np.concatenate(parts))
-    return np.stack(outs) * np.float32(trained.normalisation.target_scale)
+    return np.stack(outs) if latents else np.stack(outs) * np.float32(trained.normalisation.target_scale)
+
+
+def _in_chunks(fn, x, chunk: int) -> np.ndarray:
+    """`fn` over `x` in chunks of `chunk` along the first axis, the last padded (one compiled shape)."""
+    n = x.shape[0]
+    parts = [np.asarray(fn(jnp.asarray(x[np.arange(lo, lo + chunk).clip(max=n - 1)])))[: min(chunk, n - lo)]
+             for lo in range(0, n, chunk)]
+    return np.concatenate(parts)
+
+
+def encode(trained: runs.TrainedStage, sinos, chunk: int = 0) -> np.ndarray:
+    """The latents `(N, h, w, C * z)` of sinograms `(N, C, A, B)` in counts, as the latent stage `trained`
+    diffuses them (the frozen autoencoder's posterior mean at the stage's latent scale)."""
+    if trained.stage.encode is None:
+        raise ValueError(f"the {trained.name} stage has no latent space to encode into")
+    frozen, scale = trained.state.frozen, np.float32(trained.normalisation.target_scale)
+    fn = jax.jit(lambda x: trained.stage.encode(frozen, x / scale))
+    return _in_chunks(fn, np.asarray(sinos, np.float32), chunk or int(trained.config.data.batch_size))
+
+
+def decode(trained: runs.TrainedStage, latents, chunk: int = 0) -> np.ndarray:
+    """Sinograms `(N, C, A, B)` in counts of latents `(N, h, w, C * z)` (the inverse direction of `encode`)."""
+    if trained.stage.decode is None:
+        raise ValueError(f"the {trained.name} stage has no latent space to decode from")
+    frozen, scale = trained.state.frozen, np.float32(trained.normalisation.target_scale)
+    fn = jax.jit(lambda z: trained.stage.decode(frozen, z) * scale)
+    return _in_chunks(fn, np.asarray(latents, np.float32), chunk or int(trained.config.data.batch_size))
 
 
 def reconstruct(sino, geom: radon.Geometry, fbp_filter: str = "hann", osem_iter: int = 4, osem_subsets: int = 8) -> dict:

@@ -11,26 +11,9 @@ import numpy as np
 import pytest
 
 from allpet_jax import export, metrics, sampling
-from allpet_jax.training import runs
-from allpet_jax.training import step as train_step
-from configs import base
+from model_helpers import random_trained_stage
 
-
-def _stage(name="foundation"):
-    """A freshly initialised smoke stage as `runs.load_trained` would return it (random weights are enough to
-    test that the file carries them)."""
-    cfg = runs.stage_config(base.get_config("smoke"), name)
-    meta = dict(runs.stage_meta(cfg, name), normalisation={"source_scale": 2.0, "target_scale": 3.0},
-                channels={"target": 1, "source": 1})
-    stage = runs.build_trained_stage(cfg, meta)
-    rng = np.random.default_rng(1)  # numpy: a jax.random draw per leaf shape would compile for each
-    params = jax.tree.map(lambda x: np.asarray(x) + (0.01 * rng.normal(size=x.shape)).astype(x.dtype)
-                          if jnp.issubdtype(x.dtype, jnp.floating) else np.asarray(x), stage.params)  # not an init
-    state = train_step.TrainState(jnp.int32(7), params, None, params, jnp.zeros((2,), jnp.uint32), stage.frozen)
-    return runs.TrainedStage(name, cfg, meta, stage, state, 7, "/nowhere")
-
-
-_STAGE = functools.lru_cache(maxsize=1)(_stage)
+_STAGE = functools.lru_cache(maxsize=1)(random_trained_stage)
 
 
 def _samples(trained):

@@ -74,3 +74,47 @@ def test_frechet_sd_falls_as_one_over_root_n():
     assert sds[0] > 0 and 6 < sds[0] / sds[1] < 40, sds  # measured: 14.8
     same = rng.standard_normal((200, 6))
     assert generation.frechet_sd(same, same, jax.random.key(2), 20) == generation.frechet_sd(same, same, jax.random.key(2), 20)
+
+
+def test_band_means_hold_a_white_noise_variance_in_every_band():
+    # Parseval: white noise of variance s^2 has mean |FFT|^2 / (H W) = s^2 at every frequency but the zeroed
+    # mean, which is one of the lowest band's 9 frequencies
+    # on a 16 x 16 grid (radius below 0.1: the origin, 4 axial and 4 diagonal neighbours)
+    x = 1.5 * np.random.default_rng(0).normal(size=(400, 16, 16))
+    bands = generation.band_means(x).mean(axis=0)
+    np.testing.assert_allclose(bands[1:], 1.5 ** 2, rtol=0.05)
+    np.testing.assert_allclose(bands[0], 1.5 ** 2 * 8 / 9, rtol=0.05)
+
+
+def test_latent_statistics_of_a_shrunk_copy_and_the_clip():
+    real = np.random.default_rng(1).standard_t(3, size=(64, 8, 8, 4))  # heavy tails, as the real latents
+    stats = generation.latent_statistics(0.5 * real, real, clip=5.0)
+    assert stats["std_ratio"] == pytest.approx(0.5)
+    np.testing.assert_allclose(stats["band_power_ratio"], 0.25, rtol=1e-9)  # power scales as amplitude squared
+    assert stats["generated_abs_q99"] == pytest.approx(0.5 * stats["real_abs_q99"])
+    assert stats["real_share_beyond_clip"] == pytest.approx(np.mean(np.abs(real) > 5))
+    assert stats["real_samples_beyond_clip"] == pytest.approx(np.mean(np.abs(real).max(axis=(1, 2, 3)) > 5))
+    assert "real_share_beyond_clip" not in generation.latent_statistics(real, real, clip=None)
+
+
+def test_sampled_latents_decode_to_the_sampled_sinograms():
+    """`generate(latents=True)` then `decode` (what `generation` scores) is `generate` in one program, and
+    `encode` is the stage's own encoding at its scale."""
+    from allpet_jax import sampling
+    from allpet_jax.models import latent
+    from model_helpers import random_trained_stage
+
+    trained = random_trained_stage()
+    batch = sampling.model_batch(trained, {"prompt": np.array([[0, 0, 0], [1, 2, 0], [0, 1, 0]], np.int32),
+                                           "geometry_only": np.zeros((3, 1, 32, 32), np.float32)})
+    key = jax.random.key(3)
+    sinos = sampling.generate(trained, batch, key, num_steps=3, progress=False)[0]
+    z = sampling.generate(trained, batch, key, num_steps=3, progress=False, latents=True)[0]
+    assert z.shape[0] == 3 and z.ndim == 4
+    np.testing.assert_allclose(sampling.decode(trained, z, chunk=2), sinos, rtol=1e-4,
+                               atol=1e-4 * float(np.abs(sinos).max()))
+    frozen, scale = trained.state.frozen, trained.normalisation.target_scale
+    from allpet_jax.training import stages
+    ae = stages.autoencoder_stage(trained.config, trained.config.seed)
+    expected = latent.encode(ae.graphdef, frozen["ae"], sinos / scale, frozen["scale"])
+    np.testing.assert_allclose(sampling.encode(trained, sinos, chunk=2), expected, rtol=1e-4, atol=1e-5)

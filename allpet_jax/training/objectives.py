@@ -168,7 +168,7 @@ class Objective:
         return NNXDenoiser(self.unet), (params, kwargs)
 
     def generate(self, params, frozen, batch, key, sampler: str | None = None, num_steps: int | None = None,
-                 eta: float | None = None, guidance: float = 0.0, cfg_scale: float = 1.0):
+                 eta: float | None = None, guidance: float = 0.0, cfg_scale: float = 1.0, *, decode: bool = True):
         """Sinograms `(B, C, n_angles, n_bins)` for `batch` (its `target` gives only the geometry and batch
         size; paired objectives read `source`). `sampler` defaults to the first of `samplers`.
 
@@ -180,7 +180,9 @@ class Objective:
         `guidance > 0` (DDIM on a `diffusion` task model, or on the foundation model: the zero-pair arm)
         adds the Poisson data-consistency step of `physics_guidance.py`; the batch must then carry
         `guide_y` (raw low-dose prompts), `guide_gain` and `guide_background`, all `(B, C, A, Bn)` in
-        counts (`sampling.add_poisson_data`). The other samplers do not read it."""
+        counts (`sampling.add_poisson_data`). The other samplers do not read it.
+
+        `decode=False` returns the sampled latent `(B, h, w, C * z)` instead (before `to_sinogram`)."""
         sampler = sampler or self.samplers[0]
         if sampler not in self.samplers:
             raise ValueError(f"a {self.stage} model trained with the {self.name!r} objective samples with "
@@ -201,7 +203,7 @@ class Objective:
         shape = (B,) + latent_hw + (self.target_channels * self.latent_channels,)
         z = self.sample_latent(denoiser, model_params, key, frozen, batch, shape, sampler,
                                num_steps or self.val_steps, eta, guidance)
-        return self.to_sinogram(frozen, batch)(z)
+        return self.to_sinogram(frozen, batch)(z) if decode else z
 
 
 @dataclasses.dataclass(frozen=True, eq=False, kw_only=True)

@@ -64,6 +64,10 @@ class Stage:
     # (frozen, batch) -> {"<name>_latent": ...}: what the loss may read precomputed (paired stages: the
     # fixed training pairs' latents, encoded once per record instead of at every step; `train.LatentCache`)
     cached_latents: Callable | None = None
+    # latent stages: (frozen, sinograms (B, C, A, Bn)) -> latents (B, h, w, C * z) and back, at the diffusion's
+    # scale (the frozen autoencoder's posterior mean, and its decoder)
+    encode: Callable | None = None
+    decode: Callable | None = None
 
 
 def split_model(model: nnx.Module):
@@ -379,7 +383,8 @@ def diffusion_stage(name: str, config, ae_graphdef, ae_params, latent_scale: flo
     # start of the learned skip is such a model), the CRPS prefers the posterior that is calibrated
     best = ("val_crps", "min") if sampled else ("val_psnr", "max") if objective.paired else ("val_loss", "min")
     return Stage(name, graphdef, params, frozen, objective.loss, evaluate, preview, best_metric=best,
-                 generate=objective.generate, cached_latents=objective.cached_latents if objective.paired else None)
+                 generate=objective.generate, cached_latents=objective.cached_latents if objective.paired else None,
+                 encode=objective.encode, decode=objective.decode)
 
 
 def foundation_reads_source(recipe: dict) -> bool:
