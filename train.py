@@ -185,7 +185,8 @@ def run_stage(config, stage: str, workdir: str) -> dict:
 
     def make_step(n_micro):
         return train_step.data_parallel_step(mesh, loss_fn=stage_obj.loss_fn, tx=tx, n_micro=n_micro,
-                                             ema_decay=cfg.train.ema_decay)
+                                             ema_decay=cfg.train.ema_decay,
+                                             ema_warmup=bool(cfg.train.get("ema_warmup", False)))
 
     budget = cfg.train.memory_budget_gb or None
     n_micro, estimate = memory.choose_micro_batch(lambda n: make_step(n).lower(state, batch_spec).compile(),

@@ -126,9 +126,14 @@ PLAN = (
 )
 
 
+PLAN_TRAIN = ("--config.train.ema_warmup=False",)
+"""Every item trains as the plan's first items did, before the EMA warm-up existed (session 13): its arms are
+compared with each other, so they keep one EMA."""
+
+
 def train_command(root: str, item: Item, preset: str = PRESET) -> list:
     return [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, f"configs/base.py:{preset}"),
-            "--workdir", os.path.join(root, item.name), *item.train]
+            "--workdir", os.path.join(root, item.name), *item.train, *PLAN_TRAIN]
 
 
 def score_command(root: str, item: Item, score) -> list:

@@ -1,6 +1,7 @@
 """The data-parallel train step: device/micro-batch equivalence, NaN skipping, memory-budget choice."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -44,7 +45,7 @@ def test_four_devices_and_micro_batches_match_one_device():
         assert res["4x2"]["param_diff"] < param_tol, (name, res["4x2"])
 
 
-def _toy(nan_at=None):
+def _toy(nan_at=None, ema_decay=0.5, ema_warmup=False):
     def loss_fn(params, frozen, batch, keys):
         err = jnp.mean((batch["x"] @ params["w"] - batch["y"]) ** 2)
         return err, {"mse": err}
@@ -52,8 +53,8 @@ def _toy(nan_at=None):
     tx = S.make_optimizer(0.1, total_steps=10, warmup_steps=1)
     params = {"w": jnp.ones((4, 1))}
     state = S.init_state(params, tx, seed=0)
-    step = jax.jit(lambda st, b: S.device_step(st, b, loss_fn=loss_fn, tx=tx, n_micro=2, ema_decay=0.5,
-                                               axis_name=None))
+    step = jax.jit(lambda st, b: S.device_step(st, b, loss_fn=loss_fn, tx=tx, n_micro=2, ema_decay=ema_decay,
+                                               ema_warmup=ema_warmup, axis_name=None))
     return state, step
 
 
@@ -80,6 +81,24 @@ def test_ema_follows_its_definition():
     batch = {"x": np.eye(4, dtype=np.float32), "y": np.zeros((4, 1), np.float32), "index": np.arange(4, dtype=np.int32)}
     new, _ = step(state, batch)
     np.testing.assert_allclose(new.ema["w"], 0.5 * state.ema["w"] + 0.5 * new.params["w"], rtol=1e-6)
+
+
+def test_ema_warmup_forgets_the_start():
+    # decay (1 + t) / (10 + t) until it reaches ema_decay: 0.1, 0.1818, ... and 0.999 from t = 8990 (8991 / 9000)
+    np.testing.assert_allclose(S.ema_decay_at(np.arange(3), 0.999), [1 / 10, 2 / 11, 3 / 12], rtol=1e-6)
+    assert float(S.ema_decay_at(8989, 0.999)) < np.float32(0.999) and float(S.ema_decay_at(8990, 0.999)) == np.float32(0.999)
+    state, step = _toy(ema_decay=0.999, ema_warmup=True)
+    batch = {"x": np.eye(4, dtype=np.float32), "y": np.zeros((4, 1), np.float32), "index": np.arange(4, dtype=np.int32)}
+    start, ema = np.asarray(state.ema["w"], np.float64), np.asarray(state.ema["w"], np.float64)
+    weight_of_start = 1.0
+    for t in range(12):  # the recurrence by hand, in float64
+        state, _ = step(state, batch)
+        d = min(0.999, (1 + t) / (10 + t))
+        ema, weight_of_start = d * ema + (1 - d) * np.asarray(state.params["w"]), d * weight_of_start
+        np.testing.assert_allclose(state.ema["w"], ema, rtol=1e-5)
+    # the closed form of the start's weight, 9! 12! / 21!, against 0.999^12 without the warm-up
+    assert weight_of_start == pytest.approx(math.factorial(9) * math.factorial(12) / math.factorial(21))
+    assert weight_of_start < 1e-5 < 0.999 ** 12
 
 
 def test_micro_batch_choice_respects_budget_and_refuses_impossible():
