@@ -123,6 +123,15 @@ def test_downstream_verdict_posterior_cells_and_calibration_figure(tmp_path):
     verdict = claims.downstream_table(str(tmp_path))[1]
     assert verdict.startswith("**holds**") and "trained three times as long, +3.50 dB [+3.50, +3.50]" in verdict
     longer.joinpath("results.json").unlink()
+    ema = tmp_path / "ds500_ema" / "eval" / "low_dose_drf20"  # the EMA warmed up: its gain, and paired against ds500
+    os.makedirs(ema)
+    ema.joinpath("results.json").write_text(json.dumps(_low_dose_result(clinical + 2.75, clinical)))
+    ds500 = json.loads((out / "results.json").read_text())
+    expected = np.mean(clinical + 2.75 - np.asarray(ds500["per_sample"]["ALL-PET (ddim 20), mean of 8"]["osem_psnr"]))
+    verdict = claims.downstream_table(str(tmp_path))[1]
+    assert verdict.startswith("**does not hold**") and "with the EMA warmed up, +2.75 dB [+2.75, +2.75]" in verdict
+    assert f"the EMA's warm-up (warmed up minus as the plan trains): {expected:+.2f} dB" in verdict and expected > 0
+    ema.joinpath("results.json").unlink()
     # the foundation's contribution: paired by test sample with the scratch arm when both scored the same samples
     scratch = tmp_path / "ds500_scratch" / "eval" / "low_dose_drf20"
     os.makedirs(scratch)
