@@ -114,10 +114,6 @@ PLAN = (
                       "plan's EMA kept 5% of the starting parameters after 3000 steps), scored at DRF 20", 35,
          ("--config.train.stages=task", "--config.train.ema_warmup=True"),
          links=(("autoencoder", "ae"), ("foundation", "f_rmas_s0")), scores=(_low_dose_eval(20),)),
-    Item("ds500_long", "low_dose, 500 pairs: the task fine-tuned from f_rmas_s0 for 9000 steps instead of 3000 (its "
-                       "curve still rose at 3000), scored at DRF 20", 60,
-         ("--config.train.stages=task", "--config.train.steps.task=9000"),
-         links=(("autoencoder", "ae"), ("foundation", "f_rmas_s0")), scores=(_low_dose_eval(20),)),
     _foundation("f_plain50_s0", "small-data control: foundation, 50 sinograms, no masks, seed 0 (at 500 no arm copies, "
                 "so this asks whether copying appears at all and whether RMAS/DMM prevents it)", 0, False, 50, (GENERATION, GENERATION_LAST)),
     _foundation("f_rmas50_s0", "small-data control: foundation, 50 sinograms, RMAS/DMM, seed 0",
@@ -127,6 +123,10 @@ PLAN = (
          ("--config.train.stages=pixel_regressor", "--config.train.sinogram_loss=ramp"),
          links=(("autoencoder", "ae"), ("foundation", "f_rmas_s0"), ("task", "ds500"), ("regressor", "ds500")),
          scores=(_low_dose_eval(20),)),
+    Item("ds500_long", "low_dose, 500 pairs: the task fine-tuned from f_rmas_s0 for 9000 steps instead of 3000 (its "
+                       "curve still rose at 3000), scored at DRF 20", 60,
+         ("--config.train.stages=task", "--config.train.steps.task=9000"),
+         links=(("autoencoder", "ae"), ("foundation", "f_rmas_s0")), scores=(_low_dose_eval(20),)),
 )
 
 
