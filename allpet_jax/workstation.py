@@ -130,17 +130,9 @@ PLAN = (
 )
 
 
-PLAN_TRAIN = ("--config.train.ema_warmup=False",)
-"""Every item trains as the plan's first items did, before the EMA warm-up existed (session 13): its arms are
-compared with each other, so they keep one EMA. An item that sets one of these fields itself (`ds500_ema`)
-keeps its own."""
-
-
 def train_command(root: str, item: Item, preset: str = PRESET) -> list:
-    own = {flag.split("=")[0] for flag in item.train}
     return [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, f"configs/base.py:{preset}"),
-            "--workdir", os.path.join(root, item.name), *item.train,
-            *(flag for flag in PLAN_TRAIN if flag.split("=")[0] not in own)]
+            "--workdir", os.path.join(root, item.name), *item.train]
 
 
 def score_command(root: str, item: Item, score) -> list:

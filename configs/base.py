@@ -282,6 +282,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         train.learning_rate = 3e-4
         train.warmup_steps = 100
         train.ema_decay = 0.999
+        # The plan's arms (allpet_jax.workstation) compare with each other, and its first ones trained before the
+        # EMA warm-up existed, so this preset keeps the EMA without it; ds500_ema, and new work, turn it on.
+        train.ema_warmup = False
         train.log_every = 50
         train.eval_every = 250
         train.checkpoint_every = 250
