@@ -269,8 +269,9 @@ def generate(trained: runs.TrainedStage, batch: dict, key, *, sampler: str | Non
              eta: float | None = None, num_samples: int = 1, chunk: int = 0, guidance: float = 0.0,
              progress: str | bool = True, cfg_scale: float = 1.0, latents: bool = False) -> np.ndarray:
     """`(num_samples, N, C, A, B)` sinograms in counts (with `latents`, the sampled latents
-    `(num_samples, N, h, w, C * z)` of a latent stage instead, undecoded: `decode` turns them into the same
-    sinograms). Sample `k` of the chunk starting at input `lo`
+    `(num_samples, N, h, w, C * z)` of a latent stage instead, undecoded: `decode` turns a foundation's into
+    the same sinograms; a residual task's are residuals of its source's latent, which `decode` alone does not
+    add). Sample `k` of the chunk starting at input `lo`
     uses `fold_in(fold_in(key, k), lo)`: the same key, inputs and `chunk` reproduce the same samples.
     `progress` shows a tqdm bar on stderr over the `num_samples * N` sinograms, with the sample and chunk
     being drawn (the first chunk includes compilation): a string is its description, True a plain
@@ -321,7 +322,8 @@ def encode(trained: runs.TrainedStage, sinos, chunk: int = 0) -> np.ndarray:
 
 
 def decode(trained: runs.TrainedStage, latents, chunk: int = 0) -> np.ndarray:
-    """Sinograms `(N, C, A, B)` in counts of latents `(N, h, w, C * z)` (the inverse direction of `encode`)."""
+    """Sinograms `(N, C, A, B)` in counts of latents `(N, h, w, C * z)` (the inverse direction of `encode`; the
+    autoencoder's decoder alone, without a residual objective's source)."""
     if trained.stage.decode is None:
         raise ValueError(f"the {trained.name} stage has no latent space to decode from")
     frozen, scale = trained.state.frozen, np.float32(trained.normalisation.target_scale)

@@ -122,8 +122,9 @@ def ema_decay_at(step, ema_decay: float):
 
     A constant decay `d` keeps `d^T` of the starting parameters after `T` steps: 5 % of a random
     initialisation (or of a warm start) after 3000 steps at 0.999: the workstation task's raw parameters beat
-    such an EMA by 0.6 dB of sinogram PSNR (docs/RESULTS.md). With the warm-up the start keeps `prod_t (1 + t) / (10 + t)`, under
-    1e-20 after 1000 steps, and the average spans the last `1 / (1 - decay)` steps at most."""
+    such an EMA by 0.6 dB of sinogram PSNR (docs/RESULTS.md). With the warm-up the start keeps
+    `prod_t (1 + t) / (10 + t)`, under 1e-20 after 1000 steps, and the average spans the last
+    `1 / (1 - decay)` steps at most."""
     return jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
 
 
