@@ -354,10 +354,10 @@ def downstream_table(root: str) -> tuple[str, str]:
     drf20 = {item: _json(os.path.join(root, item, "eval", "low_dose_drf20", "results.json"))
              for item in ("ds500", "ds500_ema", "ds500_scratch", "ds5000_scratch")}
     against = []
-    for item, what, sign in (("ds500_scratch", "the foundation's contribution (fine-tuned minus from scratch, both 500 pairs)", 1),
-                             ("ds5000_scratch", "500 pairs fine-tuned minus 5000 pairs from scratch", 1),
-                             ("ds500_ema", "the EMA's warm-up (warmed up minus as the plan trains)", -1)):
-        if drf20[item] and (d := between_arms(*((drf20["ds500"], drf20[item])[::sign]))):
+    for a, b, what in (("ds500", "ds500_scratch", "the foundation's contribution (fine-tuned minus from scratch, both 500 pairs)"),
+                       ("ds500", "ds5000_scratch", "500 pairs fine-tuned minus 5000 pairs from scratch"),
+                       ("ds500_ema", "ds500", "the EMA's warm-up (warmed up minus as the plan trains)")):
+        if drf20[a] and drf20[b] and (d := between_arms(drf20[a], drf20[b])):
             against.append(f"{what}: {d[0]:+.2f} dB [{d[1]:+.2f}, {d[2]:+.2f}]")
     paired = (" Paired by test sample at DRF 20, " + "; ".join(against) + ".") if against else ""
     return "\n".join(lines), (f"**{'holds' if holds else 'does not hold'}** at this budget: at DRF 20 the 500-pair model "
