@@ -188,6 +188,22 @@ def generation_table(results: dict) -> tuple[str, str]:
     return "\n".join(lines), f"**{word}** at this budget. " + verdict
 
 
+def shipped_foundation(root: str, results: dict) -> str | None:
+    """One line on the shipped weights' foundation (`w_foundation`: f_rmas_s0 with the EMA warmed up) beside the
+    500 + RMAS/DMM seeds `results`, which keep the plan's EMA; None until it is scored."""
+    w = _json(os.path.join(root, "w_foundation", "eval", "generation", "results.json"))
+    if not w:
+        return None
+    m, arm = w["model"], results.get("500 + RMAS/DMM", [])
+    same = " and ".join(f"{h.split(' (')[0]} {_mean_sd([r['model'][k] for r in arm])}"
+                        for k, h in GENERATION_KEYS[:2] if arm)
+    return (f"The shipped foundation (`w_foundation`: f_rmas_s0's command with the EMA warmed up; one seed, not an arm "
+            f"of the verdict, which compares every arm under the plan's EMA): Frechet distance {m['frechet']:.3g}"
+            + (f" ± {m['frechet_sd']:.2g} (sampling noise)" if "frechet_sd" in m else "")
+            + f", memorisation ratio (median) {m['memorisation_median']:.3f}, negative mass {m['negative_fraction']:.3g}"
+            + (f"; the plan's EMA, {len(arm)} seeds: {same}." if arm else "."))
+
+
 def median_difference_ci(a, b, key, level: float = 0.95, num_resamples: int = 2000) -> dict:
     """Median of `a` minus median of `b` (two independent samples) with its percentile bootstrap interval:
     each sample resampled on its own."""
@@ -275,7 +291,11 @@ CEILINGS = (  # evaluate.py's reference rows, shown under the 500-pair model at 
 DOWNSTREAM_ARMS = (("500 pairs, from the RMAS foundation", "ds500", (4, 20, 100)),
                    ("500 pairs, from the RMAS foundation, EMA warmed up", "ds500_ema", (20,)),
                    ("500 pairs, from the RMAS foundation, 9000 steps", "ds500_long", (20,)),
+                   ("500 pairs, the shipped weights (foundation and task with the EMA warmed up)", "w_low_dose", (20,)),
                    ("500 pairs, from scratch", "ds500_scratch", (20,)), ("5000 pairs, from scratch", "ds5000_scratch", (20,)))
+VARIANTS = (("ds500_ema", "with the EMA warmed up"), ("ds500_long", "trained three times as long"),
+            ("w_low_dose", "the shipped weights (foundation and task with the EMA warmed up)"))
+"""ds500's variants (500 pairs fine-tuned from an RMAS foundation), each counted in the downstream verdict."""
 
 
 def _posterior_cells(result: dict, row: str) -> str:
@@ -315,7 +335,7 @@ def between_arms(a: dict, b: dict, key: str = "osem_psnr") -> tuple[float, float
 def downstream_table(root: str) -> tuple[str, str]:
     lines = ["| arm | DRF | test samples | clinical OSEM + Gaussian, dB | model, dB | gain over clinical OSEM, dB [95% CI] "
              "| RED's gain | rel. CRPS | 90% coverage (calibrated) |", "|---|---|---|---|---|---|---|---|---|"]
-    target = long = ema = None
+    gains = {}  # item: its model's gain at DRF 20
     for label, item, drfs in DOWNSTREAM_ARMS:
         for drf in drfs:
             r = _json(os.path.join(root, item, "eval", f"low_dose_drf{drf}", "results.json"))
@@ -334,29 +354,27 @@ def downstream_table(root: str) -> tuple[str, str]:
                          if (name := _row(s, lambda n, p=prefix: n.startswith(p)))]
             for shown, name, red in rows:
                 g = _gain_row(lines, r, shown, name, drf, red)
-                if item == "ds500" and drf == 20 and name == rows[0][1]:
-                    target = g
-                if item == "ds500_long" and name == rows[0][1]:
-                    long = g
-                if item == "ds500_ema" and name == rows[0][1]:
-                    ema = g
+                if drf == 20 and name == rows[0][1]:
+                    gains[item] = g
     ramp = _json(os.path.join(root, "ds500_ramp", "eval", "low_dose_drf20", "results.json"))
     if ramp and "pixel U-Net regressor" in ramp["summary"]:
         _gain_row(lines, ramp, "pixel U-Net regressor, ramp-weighted loss (500 pairs)", "pixel U-Net regressor", 20, "")
     lines.append("")
     lines.append("The ceilings and the identity are scored like the arms (the mean over test samples, post-filtered): "
                  "the gain the target asks for is possible where a ceiling's gain exceeds +3 dB.")
-    if target is None:
+    if (target := gains.get("ds500")) is None:
         return "\n".join(lines), "**pending**: the 500-pair model at DRF 20 is not scored yet"
-    holds = max(target[1], long[1] if long else -np.inf, ema[1] if ema else -np.inf) >= 3.0
+    holds = max(g[1] for item, g in gains.items() if item == "ds500" or item in dict(VARIANTS)) >= 3.0
     trained_longer = "".join(f"; {what}, {g[0]:+.2f} dB [{g[1]:+.2f}, {g[2]:+.2f}]"
-                             for what, g in (("with the EMA warmed up", ema), ("trained three times as long", long)) if g)
+                             for item, what in VARIANTS if (g := gains.get(item)))
     drf20 = {item: _json(os.path.join(root, item, "eval", "low_dose_drf20", "results.json"))
-             for item in ("ds500", "ds500_ema", "ds500_scratch", "ds5000_scratch")}
+             for item in ("ds500", "ds500_ema", "w_low_dose", "ds500_scratch", "ds5000_scratch")}
     against = []
     for a, b, what in (("ds500", "ds500_scratch", "the foundation's contribution (fine-tuned minus from scratch, both 500 pairs)"),
                        ("ds500", "ds5000_scratch", "500 pairs fine-tuned minus 5000 pairs from scratch"),
-                       ("ds500_ema", "ds500", "the EMA's warm-up (warmed up minus as the plan trains)")):
+                       ("ds500_ema", "ds500", "the EMA's warm-up (warmed up minus as the plan trains)"),
+                       ("w_low_dose", "ds500_ema", "the foundation's EMA warmed up too (the shipped weights minus "
+                                                   "ds500_ema)")):
         if drf20[a] and drf20[b] and (d := between_arms(drf20[a], drf20[b])):
             against.append(f"{what}: {d[0]:+.2f} dB [{d[1]:+.2f}, {d[2]:+.2f}]")
     paired = (" Paired by test sample at DRF 20, " + "; ".join(against) + ".") if against else ""
@@ -538,6 +556,8 @@ def report(root: str, docs: str) -> str:
                              f"{plateau(steps, values, better)}")
     table, generation = generation_table(generation_results(root))
     parts += ["", "## Generation: 500 sinograms with RMAS/DMM against 500 and 5000 without", "", table, "", generation, ""]
+    if shipped := shipped_foundation(root, generation_results(root)):
+        parts += [shipped, ""]
     for arm, prefix in GENERATION_ARMS.items():
         if name := _copy_grid(root, f"{prefix}0", "generation", figures, f"ws_generation_{prefix}0.png"):
             parts += [f"{arm}, seed 0 (generated above, real below):", "", f"![{arm}](figures/{name})", ""]

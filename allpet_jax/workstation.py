@@ -77,11 +77,12 @@ GENERATION_LAST = (*GENERATION[:-1], "eval/generation_last", "--last")
 """The small-data control's second scoring: its last checkpoint, where memorisation would show."""
 
 
-def _foundation(name: str, what: str, seed: int, rmas: bool, n_train: int = 500, scores: tuple = (GENERATION,)) -> Item:
+def _foundation(name: str, what: str, seed: int, rmas: bool, n_train: int = 500, scores: tuple = (GENERATION,),
+                extra: tuple = ()) -> Item:
     last = ", at its best and at its last checkpoint" if GENERATION_LAST in scores else ""
     return Item(name, what + "; generation scored on 512 samples" + last, 65,
                 ("--config.train.stages=foundation", f"--config.seed={seed}", f"--config.masks.rmas={rmas}",
-                 f"--config.data.n_train={n_train}"), links=(("autoencoder", "ae"),), scores=scores)
+                 f"--config.data.n_train={n_train}", *extra), links=(("autoencoder", "ae"),), scores=scores)
 
 
 PLAN = (
@@ -118,6 +119,11 @@ PLAN = (
                 "so this asks whether copying appears at all and whether RMAS/DMM prevents it)", 0, False, 50, (GENERATION, GENERATION_LAST)),
     _foundation("f_rmas50_s0", "small-data control: foundation, 50 sinograms, RMAS/DMM, seed 0",
                 0, True, 50, (GENERATION, GENERATION_LAST)),
+    _foundation("w_foundation", "the shipped weights' foundation: f_rmas_s0 with the EMA warmed up (not a claims arm: "
+                "every arm compares under the plan's EMA)", 0, True, extra=("--config.train.ema_warmup=True",)),
+    Item("w_low_dose", "the shipped weights' low_dose task: ds500_ema fine-tuned from w_foundation, scored at DRF 20",
+         35, ("--config.train.stages=task", "--config.train.ema_warmup=True"),
+         links=(("autoencoder", "ae"), ("foundation", "w_foundation")), scores=(_low_dose_eval(20),)),
     Item("ds500_ramp", "low_dose, 500 pairs: the pixel regressor trained with the ramp-weighted sinogram loss (the "
                        "error as its image sees it), beside ds500's task and latent regressor; scored at DRF 20", 40,
          ("--config.train.stages=pixel_regressor", "--config.train.sinogram_loss=ramp"),

@@ -48,6 +48,17 @@ def test_generation_verdict():
     assert "RMAS minus 500 without masks -4, resolved (the test resolves 2.8 between them)" in verdict  # 5 vs 9
 
 
+def test_the_shipped_foundation_is_reported_beside_the_rmas_seeds(tmp_path):
+    results = {"500 + RMAS/DMM": [_generation(f, m) for f, m in ((5.0, 0.96), (6.0, 0.97), (7.0, 0.98))]}
+    assert claims.shipped_foundation(str(tmp_path), results) is None  # not scored yet
+    out = tmp_path / "w_foundation" / "eval" / "generation"
+    os.makedirs(out)
+    out.joinpath("results.json").write_text(json.dumps(_generation(4.25, 0.99)))
+    line = claims.shipped_foundation(str(tmp_path), results)
+    assert "Frechet distance 4.25, memorisation ratio (median) 0.990" in line
+    assert "3 seeds: Frechet distance 6 ± 1 and memorisation ratio 0.97 ± 0.01." in line
+
+
 def _lesion_result(errors):
     per = {"ALL-PET (ddim 20), mean of 8": {"osem_lesion_err": list(errors), "osem_cr_hot": [1.0] * len(errors),
                                              "osem_cr_cold": [None] * len(errors)}}
@@ -131,6 +142,14 @@ def test_downstream_verdict_posterior_cells_and_calibration_figure(tmp_path):
     verdict = claims.downstream_table(str(tmp_path))[1]
     assert verdict.startswith("**does not hold**") and "with the EMA warmed up, +2.75 dB [+2.75, +2.75]" in verdict
     assert f"the EMA's warm-up (warmed up minus as the plan trains): {expected:+.2f} dB" in verdict and expected > 0
+    shipped = tmp_path / "w_low_dose" / "eval" / "low_dose_drf20"  # the shipped weights: a variant that counts
+    os.makedirs(shipped)
+    shipped.joinpath("results.json").write_text(json.dumps(_low_dose_result(clinical + 3.25, clinical)))
+    table, verdict = claims.downstream_table(str(tmp_path))
+    assert verdict.startswith("**holds**") and "the shipped weights (foundation and task with the EMA warmed up), +3.25" in verdict
+    assert "the foundation's EMA warmed up too (the shipped weights minus ds500_ema): +0.50 dB" in verdict
+    assert "| 500 pairs, the shipped weights (foundation and task with the EMA warmed up): ALL-PET" in table
+    shipped.joinpath("results.json").unlink()
     ema.joinpath("results.json").unlink()
     # the foundation's contribution: paired by test sample with the scratch arm when both scored the same samples
     scratch = tmp_path / "ds500_scratch" / "eval" / "low_dose_drf20"

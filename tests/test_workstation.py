@@ -26,17 +26,21 @@ def test_the_plan_links_only_to_earlier_items_and_writes_under_each_item(tmp_pat
                 assert cmd[cmd.index("--workdir") + 1] == os.path.join(str(tmp_path), item.name)
     # the claims' arms: three seeds of each 500-sinogram foundation, one of 5000 and one of each 50-sinogram control
     # arm, equal steps (U-Net passes)
-    foundations = [item for item in workstation.PLAN if "--config.train.stages=foundation" in item.train]
+    foundations = [item for item in workstation.PLAN if "--config.train.stages=foundation" in item.train
+                   and item.name.startswith("f_")]  # w_*: the shipped weights, not an arm
     arms = [tuple(sorted(a for a in item.train if "rmas" in a or "n_train" in a)) for item in foundations]
     seeds = {arm: arms.count(arm) for arm in arms}
     assert sorted(seeds.values()) == [1, 1, 1, 3, 3]
     assert {arm for arm, n in seeds.items() if n == 3} == {("--config.data.n_train=500", f"--config.masks.rmas={r}")
                                                         for r in (True, False)}
     assert not any("steps" in a for item in foundations for a in item.train)
-    # one EMA for every arm, the preset's (the plan's first items trained without the warm-up), but ds500_ema's
+    # one EMA for every arm, the preset's (the plan's first items trained without the warm-up), but ds500_ema's and
+    # the shipped weights'
     assert base.get_config(workstation.PRESET).train.ema_warmup is False
     warmups = {item.name: [a for a in item.train if "ema_warmup" in a] for item in workstation.PLAN}
-    assert warmups.pop("ds500_ema") == ["--config.train.ema_warmup=True"] and not any(warmups.values())
+    for name in ("ds500_ema", "w_foundation", "w_low_dose"):
+        assert warmups.pop(name) == ["--config.train.ema_warmup=True"], name
+    assert not any(warmups.values())
 
 
 def test_links_are_made_once_and_a_foreign_entry_is_refused(tmp_path):
