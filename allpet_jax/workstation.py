@@ -129,10 +129,6 @@ PLAN = (
          ("--config.train.stages=pixel_regressor", "--config.train.sinogram_loss=ramp"),
          links=(("autoencoder", "ae"), ("foundation", "f_rmas_s0"), ("task", "ds500"), ("regressor", "ds500")),
          scores=(_low_dose_eval(20),)),
-    Item("ds500_long", "low_dose, 500 pairs: the task fine-tuned from f_rmas_s0 for 9000 steps instead of 3000 (its "
-                       "curve still rose at 3000), scored at DRF 20", 60,
-         ("--config.train.stages=task", "--config.train.steps.task=9000"),
-         links=(("autoencoder", "ae"), ("foundation", "f_rmas_s0")), scores=(_low_dose_eval(20),)),
 )
 
 

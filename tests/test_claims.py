@@ -128,12 +128,6 @@ def test_downstream_verdict_posterior_cells_and_calibration_figure(tmp_path):
     assert "| full-dose clinical OSEM | 20 | 256 |" in table and "| +6.00 [+6.00, +6.00] |  | - | - |" in table
     (out / "results.json").write_text(json.dumps(_low_dose_result(clinical + 2.0 + 0.1 * rng.normal(size=256), clinical)))
     assert claims.downstream_table(str(tmp_path))[1].startswith("**does not hold**")
-    longer = tmp_path / "ds500_long" / "eval" / "low_dose_drf20"  # trained longer, it reaches the target: holds
-    os.makedirs(longer)
-    longer.joinpath("results.json").write_text(json.dumps(_low_dose_result(clinical + 3.5, clinical)))
-    verdict = claims.downstream_table(str(tmp_path))[1]
-    assert verdict.startswith("**holds**") and "trained three times as long, +3.50 dB [+3.50, +3.50]" in verdict
-    longer.joinpath("results.json").unlink()
     ema = tmp_path / "ds500_ema" / "eval" / "low_dose_drf20"  # the EMA warmed up: its gain, and paired against ds500
     os.makedirs(ema)
     ema.joinpath("results.json").write_text(json.dumps(_low_dose_result(clinical + 2.75, clinical)))
