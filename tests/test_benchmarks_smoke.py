@@ -139,3 +139,18 @@ def test_gpu_check_script_at_the_smoke_preset(tmp_path):
     lines = [json.loads(line) for line in after.splitlines() if line.startswith("{")]
     assert any(r["split"] == "train" and r["samples_per_s"] > 0 for r in lines)
     assert log.rstrip().splitlines()[-1].startswith("gpu_check: OK; preset smoke;")
+
+
+def test_conv_bench_table_by_hand():
+    conv = _load(os.path.join(os.path.dirname(_PATH), "conv_bench.py"))
+    assert conv.gflop(8, 32, 64, 64) == pytest.approx(2 * 8 * 32 * 32 * 64 * 64 * 9 / 1e9)
+    flops = conv.gflop(2, 4, 3, 5)  # 2 B H W Cin Cout 9 = 8640 FLOPs
+    ours = {"times": {"4:3:5": [flops / 100, flops / 50, flops / 25]}}  # 100, 50 and 25 GFLOP/s
+    theirs = [{"times": {"4:3:5": [flops / 200, flops / 50, flops / 50]}},  # the passes pooled by their median
+              {"times": {"4:3:5": [flops / 200, flops / 50, flops / 50]}}]
+    text = conv.table(2, ours, theirs)
+    assert "| 2 x 4 x 4, 3 -> 5 | forward | 100 | 200 | 0.50x |" in text
+    assert "| 2 x 4 x 4, 3 -> 5 | weight gradient | 25 | 50 | 0.50x |" in text
+    # all three: 3 x flops in (1/100 + 1/50 + 1/25) x flops seconds per GFLOP = 0.07 (ours), against
+    # 1/200 + 1/50 + 1/50 = 0.045 (theirs): 43 and 67 GFLOP/s, 0.045 / 0.07 = 0.64x
+    assert "| all three | 43 | 67 | 0.64x |" in text
