@@ -154,3 +154,19 @@ def test_conv_bench_table_by_hand():
     # all three: 3 x flops in (1/100 + 1/50 + 1/25) x flops seconds per GFLOP = 0.07 (ours), against
     # 1/200 + 1/50 + 1/50 = 0.045 (theirs): 43 and 67 GFLOP/s, 0.045 / 0.07 = 0.64x
     assert "| all three | 43 | 67 | 0.64x |" in text
+
+
+def test_memorisation_power_copier_against_closed_form():
+    """A copier with no error sits on its training sinogram (ratio 0). With white error of norm e, in many
+    dimensions nearly orthogonal to every difference, its distance to its source is e and to a held-out
+    sinogram at distance d about sqrt(d^2 + e^2); so the ratio is e / sqrt(d^2 + e^2)."""
+    import jax
+
+    power = _load(os.path.join(os.path.dirname(_PATH), "memorisation_power.py"))
+    rng = np.random.default_rng(0)
+    train = 1.0 + rng.random((2, 20000))  # unit-total scaling divides each by about 30000
+    held = train + rng.normal(size=train.shape) * 0.01  # each training sinogram's held-out twin
+    d = np.linalg.norm(power.generation._unit_total(held) - power.generation._unit_total(train), axis=1).mean()
+    assert power.copier_ratios(train, held, 0.0, 8, jax.random.key(0)) == pytest.approx(np.zeros(8), abs=1e-4)  # d^2 expanded: float64 rounding
+    ratio = power.copier_ratios(train, held, d, 64, jax.random.key(1))
+    assert np.median(ratio) == pytest.approx(1 / np.sqrt(2), rel=0.02)
