@@ -242,8 +242,13 @@ def small_data_control(best: dict, last: dict, big: list) -> tuple[str, str]:
                f"{COPYING:.0%} of that), so it {'copies' if copies else 'does not copy'} its training set. RMAS/DMM "
                f"minus no masks: {ci['mean']:+.3f} [{ci['lo']:+.3f}, {ci['hi']:+.3f}] (95% bootstrap interval; above 0 "
                "is less memorised). ")
+    fb, fl = ([results[a][0]["model"]["frechet"] for a in (plain, rmas)] for results in (best, last))
+    finding += (f"Frechet distance at the last checkpoints: no masks {fl[0]:.3g}, RMAS/DMM {fl[1]:.3g}"
+                + (f" (5000 sinograms, the claim's reference: {np.mean([r['model']['frechet'] for r in big]):.3g})"
+                   if big else "")
+                + f"; at the best validation-loss checkpoints {fb[0]:.3g} and {fb[1]:.3g}. ")
     if not copies:
-        word = "the budget creates no copying even at 50 sinograms, so it cannot show what RMAS/DMM prevents"
+        word = "The budget creates no copying even at 50 sinograms, so it cannot show what RMAS/DMM prevents"
     elif ci["lo"] > 0:
         word = "RMAS/DMM reduces copying where copying arises"
     else:

@@ -241,6 +241,8 @@ def test_small_data_control_verdict():
     last = {"50, no masks": [_control(copying)], "50 + RMAS/DMM": [_control(fresh)]}
     table, finding = claims.small_data_control(best, last, [_generation(6.5, 1.0)])
     assert finding.endswith("**RMAS/DMM reduces copying where copying arises**.")
+    assert ("last checkpoints: no masks 6, RMAS/DMM 6 (5000 sinograms, the claim's reference: 6.5); at the best "
+            "validation-loss checkpoints 6 and 6." in finding)
     assert f"| 50, no masks | last (3000) | 6 | {np.median(copying):.3f} |" in table and "| 5000, no masks" in table
     last["50 + RMAS/DMM"] = [_control(copying + 0.01)]
     assert claims.small_data_control(best, last, [])[1].endswith("does not reduce copying where copying arises**.")
