@@ -562,6 +562,8 @@ def report(root: str, docs: str) -> str:
     parts += ["", "## Generation: 500 sinograms with RMAS/DMM against 500 and 5000 without", "", table, "", generation, ""]
     if shipped := shipped_foundation(root, generation_results(root)):
         parts += [shipped, ""]
+        if name := _copy_grid(root, "w_foundation", "generation", figures, "ws_generation_w_foundation.png"):
+            parts += ["The shipped foundation (generated above, real below):", "", f"![shipped](figures/{name})", ""]
     for arm, prefix in GENERATION_ARMS.items():
         if name := _copy_grid(root, f"{prefix}0", "generation", figures, f"ws_generation_{prefix}0.png"):
             parts += [f"{arm}, seed 0 (generated above, real below):", "", f"![{arm}](figures/{name})", ""]
