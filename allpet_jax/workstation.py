@@ -77,6 +77,10 @@ GENERATION_LAST = (*GENERATION[:-1], "eval/generation_last", "--last")
 """The small-data control's second scoring: its last checkpoint, where memorisation would show."""
 
 
+WARMUP = "--config.train.ema_warmup=True"
+"""The EMA warmed up (session 13's fix); the preset keeps the plan's EMA so that the claims' arms compare."""
+
+
 def _foundation(name: str, what: str, seed: int, rmas: bool, n_train: int = 500, scores: tuple = (GENERATION,),
                 extra: tuple = ()) -> Item:
     last = ", at its best and at its last checkpoint" if GENERATION_LAST in scores else ""
@@ -120,10 +124,12 @@ PLAN = (
     _foundation("f_rmas50_s0", "small-data control: foundation, 50 sinograms, RMAS/DMM, seed 0",
                 0, True, 50, (GENERATION, GENERATION_LAST)),
     _foundation("w_foundation", "the shipped weights' foundation: f_rmas_s0 with the EMA warmed up (not a claims arm: "
-                "every arm compares under the plan's EMA)", 0, True, extra=("--config.train.ema_warmup=True",)),
+                "every arm compares under the plan's EMA)", 0, True, extra=(WARMUP,)),
     Item("w_low_dose", "the shipped weights' low_dose task: ds500_ema fine-tuned from w_foundation, scored at DRF 20",
-         35, ("--config.train.stages=task", "--config.train.ema_warmup=True"),
-         links=(("autoencoder", "ae"), ("foundation", "w_foundation")), scores=(_low_dose_eval(20),)),
+         35, ("--config.train.stages=task", WARMUP), links=(("autoencoder", "ae"), ("foundation", "w_foundation")), scores=(_low_dose_eval(20),)),
+    _foundation("e_plain_s0", "the generation arms with the EMA warmed up (is the verdict robust to the EMA's defect?): "
+                "foundation, 500, no masks, seed 0; w_foundation is the RMAS arm", 0, False, extra=(WARMUP,)),
+    _foundation("e_plain5000_s0", "the same, 5000 sinograms, no masks, seed 0", 0, False, 5000, extra=(WARMUP,)),
     Item("ds500_ramp", "low_dose, 500 pairs: the pixel regressor trained with the ramp-weighted sinogram loss (the "
                        "error as its image sees it), beside ds500's task and latent regressor; scored at DRF 20", 40,
          ("--config.train.stages=pixel_regressor", "--config.train.sinogram_loss=ramp"),

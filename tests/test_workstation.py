@@ -38,7 +38,7 @@ def test_the_plan_links_only_to_earlier_items_and_writes_under_each_item(tmp_pat
     # the shipped weights'
     assert base.get_config(workstation.PRESET).train.ema_warmup is False
     warmups = {item.name: [a for a in item.train if "ema_warmup" in a] for item in workstation.PLAN}
-    for name in ("ds500_ema", "w_foundation", "w_low_dose"):
+    for name in ("ds500_ema", "w_foundation", "w_low_dose", "e_plain_s0", "e_plain5000_s0"):
         assert warmups.pop(name) == ["--config.train.ema_warmup=True"], name
     assert not any(warmups.values())
 
