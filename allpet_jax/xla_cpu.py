@@ -22,9 +22,11 @@ convolution as patches times a matrix, so that oneDNN's or XNNPACK's dot takes i
 against 102 for XNNPACK's convolution (forward and both gradients, 8 x 32 x 32 x 64; one run on a loaded
 Intel Xeon). So no flag of this jaxlib gives our convolutions PyTorch's library, and none is needed: on a
 quiet Intel Xeon XNNPACK's 3x3 convolutions, forward and both gradients, run at 246-280 GFLOP/s, 80-90% of
-sgemm (session 12), and a Winograd F(2x2, 3x3) convolution through its dots is slower. The train step's
-remaining gap to PyTorch lies outside the convolutions (the README's train-step section; `models/layers.py`
-on the per-channel sums that were most of it).
+sgemm (session 12), and a Winograd F(2x2, 3x3) convolution through its dots is slower. oneDNN's do better
+inside diffusers' step (about 290 GFLOP/s by `torch.profiler`), so of the 64-128-256 step's remaining gap to
+PyTorch (about 130 ms) about 35 ms is the convolutions and the rest lies outside them
+(`benchmarks/conv_bench.py`, the README's train-step section; `models/layers.py` on the per-channel sums that
+were most of it before session 12).
 
 `apply()` runs when `allpet_jax` is imported, before any computation creates XLA's CPU client (which reads
 `XLA_FLAGS` once). It changes nothing when:
