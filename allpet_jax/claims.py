@@ -571,6 +571,8 @@ def report(root: str, docs: str) -> str:
     table, warmed = generation_table(generation_results(root, WARMED_ARMS))
     parts += ["### The generation arms with the EMA warmed up (one seed each; the verdict above keeps the plan's EMA)",
               "", table, "", warmed, ""]
+    if not warmed.startswith("**pending**"):
+        generation += f" The same test with the EMA warmed up, one seed per arm: **{warmed.split('**')[1]}**."
     for arm, prefix in GENERATION_ARMS.items():
         if name := _copy_grid(root, f"{prefix}0", "generation", figures, f"ws_generation_{prefix}0.png"):
             parts += [f"{arm}, seed 0 (generated above, real below):", "", f"![{arm}](figures/{name})", ""]
