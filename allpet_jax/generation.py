@@ -239,6 +239,18 @@ def grid(generated, real, geom: radon.Geometry, path: str, title: str, n: int = 
 FLAGS = flags.FLAGS
 
 
+def real_sets(trained, n: int) -> tuple[dict, np.ndarray, np.ndarray]:
+    """The real sinograms a scoring of `n` generated ones compares with, simulated with the model's data config:
+    `held` (test-split inputs [0, max(n, n_train)): [0, n) for the distance, [0, n_train) for memorisation; one
+    split, so the two overlap, and neither was trained on), the training targets `(n_train, A, B)`, and `n`
+    fresh test-split targets after those `(n, 1, A, B)` (the floor and the autoencoder ceiling)."""
+    n_train = int(trained.config.data.n_train)
+    held = sampling.simulated_inputs(trained, max(n, n_train))
+    train = sampling.simulated_inputs(trained, n_train, "train")["target"][:, 0]
+    fresh = sampling.simulated_inputs(trained, n, "test", start=max(n, n_train))["target"]
+    return held, train, fresh
+
+
 def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     into = {"flag_values": flag_values}
     flags.DEFINE_string("workdir", None, "training run directory holding foundation/", **into)
@@ -263,10 +275,7 @@ def main(argv, flag_values: flags.FlagValues = FLAGS) -> None:
     geom = sampling.geometry_of(trained)
     n, n_train = flag_values.num_inputs, int(trained.config.data.n_train)
     t0 = time.perf_counter()
-    # held-out: test-split samples [0, n) for the distance and [0, n_train) for memorisation (one split, so
-    # the two overlap; neither was trained on)
-    held = sampling.simulated_inputs(trained, max(n, n_train))
-    train = sampling.simulated_inputs(trained, n_train, "train")["target"][:, 0]
+    held, train, fresh = real_sets(trained, n)
     samples_path = os.path.join(out, "samples.npz")
     batch = sampling.model_batch(trained, {"prompt": held["prompt"][:n],
                                            "geometry_only": np.zeros_like(held["target"][:n], np.float32)})
@@ -280,7 +289,6 @@ def main(argv, flag_values: flags.FlagValues = FLAGS) -> None:
     real = held["target"][:n, 0]
     result = score(generated, real, train, held["target"][:n_train, 0], geom)
     latents = latent_statistics(z, sampling.encode(trained, held["target"][:n]), trained.config.diffusion.clip_x0)
-    fresh = sampling.simulated_inputs(trained, n, "test", start=max(n, n_train))["target"]
     reference = score(fresh[:, 0], real, train, held["target"][:n_train, 0], geom)  # the floor of each score
     # the ceiling of a latent model: fresh real sinograms through the autoencoder, D(E(x))
     from allpet_jax.evaluate import autoencoder_roundtrip

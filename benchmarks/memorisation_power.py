@@ -55,9 +55,8 @@ def main():
     generated = np.load(path, allow_pickle=False)["generated"]
     trained = sampling.load_for_task(tasks.SYNTHESIS, args.workdir, best=True)  # for its data config only
     n, n_train = len(generated), int(trained.config.data.n_train)
-    held = sampling.simulated_inputs(trained, max(n, n_train))["target"][:n_train, 0]  # as generation.main
-    train = sampling.simulated_inputs(trained, n_train, "train")["target"][:, 0]
-    fresh = sampling.simulated_inputs(trained, n, "test", start=max(n, n_train))["target"][:, 0]
+    held, train, fresh = generation.real_sets(trained, n)  # the sets generation scored against
+    held, fresh = held["target"][:n_train, 0], fresh[:, 0]
     d_gen = float(np.median(generation.nearest_distance(generated, train)))
     d_real = float(np.median(generation.nearest_distance(fresh, train)))
     print(f"{args.workdir} ({args.scoring}; {n} generated, {n_train} training sinograms)")
