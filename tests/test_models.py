@@ -19,7 +19,7 @@ from allpet_jax.models import (
     parameter_overview,
     sinogram_map_to_latent,
 )
-from allpet_jax.models.layers import Conv, GroupNorm, depth_to_space, space_to_depth
+from allpet_jax.models.layers import Conv, GroupNorm, Linear, depth_to_space, space_to_depth
 from model_helpers import TINY_AE, quick_jit, rngs
 
 TINY_UNET = dict(channels=(8, 16), num_res_blocks=1, attention_levels=(1,), num_heads=2, max_groups=4,
@@ -72,8 +72,8 @@ def test_group_norm_matches_flax():
     np.testing.assert_allclose(ours(x, film), ref(x) * 1.5 - 1.0, atol=1e-5)
 
 
-def test_group_norm_and_conv_gradients_match_flax():
-    """The hand-written VJPs (group_norm, add_bias) against autodiff of nnx.GroupNorm and nnx.Conv."""
+def test_group_norm_conv_and_linear_gradients_match_flax():
+    """The hand-written VJPs (group_norm, add_bias) against autodiff of nnx.GroupNorm, nnx.Conv and nnx.Linear."""
     x = jax.random.normal(jax.random.key(0), (3, 6, 4, 16)) * 2.0 + 1.0
     weight = jax.random.normal(jax.random.key(1), x.shape)
     film = (jax.random.normal(jax.random.key(2), (3, 16)) * 0.3, jax.random.normal(jax.random.key(3), (3, 16)))
@@ -97,6 +97,14 @@ def test_group_norm_and_conv_gradients_match_flax():
         conv.bias[...] = jnp.arange(8.0)
     conv_grads = [nnx.grad(lambda m: jnp.sum(jnp.sin(m(x)) * weight[..., :8]))(conv) for conv in convs]
     for ours, ref in zip(jax.tree.leaves(conv_grads[0]), jax.tree.leaves(conv_grads[1])):
+        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+    tokens = x.reshape(3, 24, 16)
+    linears = [cls(16, 8, rngs=rngs(0)) for cls in (Linear, nnx.Linear)]
+    for linear in linears:
+        linear.bias[...] = jnp.arange(8.0)
+    np.testing.assert_allclose(linears[0](tokens), linears[1](tokens), rtol=1e-6, atol=1e-6)
+    linear_grads = [nnx.grad(lambda m: jnp.sum(jnp.sin(m(tokens)) * tokens[..., :8]))(m) for m in linears]
+    for ours, ref in zip(jax.tree.leaves(linear_grads[0]), jax.tree.leaves(linear_grads[1])):
         np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
 
 
