@@ -2,6 +2,7 @@
 
     pip install torch==2.13.0          # the `bench` extra; CPU build of torch
     python benchmarks/conv_bench.py [--batch 8] [--repeats 50] [--threads 2] [--shapes 32:64:64,16:128:128]
+    python benchmarks/conv_bench.py --cores 1 --no-xla-defaults     # both frameworks on one core
 
 `unet_bench.py` times whole train steps; this splits the convolutions out, since they are most of a step's
 FLOPs. For each shape (`size:in:out`, batch `--batch`, SAME padding, no bias) it times, each jitted on its
@@ -11,7 +12,10 @@ whatever transposes XLA puts around it). The peer runs `torch.nn.functional.conv
 (oneDNN on x86). Ours runs with `allpet_jax.xla_cpu`'s library choice (XNNPACK) and under XLA's defaults
 (`ALLPET_XLA_DEFAULTS=1`). Each framework runs in its own worker process (unet_bench.py's doc says why);
 torch runs before and after ours and the two passes are pooled. GFLOP/s count `2 B H W Cin Cout 9` (the
-padding's taps too) for every row, ours and theirs alike. Nothing here asserts a speed.
+padding's taps too) for every row, ours and theirs alike. `--cores N` pins both workers to the first N
+cores (`os.sched_setaffinity`, which XLA's thread pool follows) and gives torch N threads: one core against
+two separates a library's single-core speed from how it spreads one convolution over the cores. Nothing
+here asserts a speed.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2, help="torch's threads (XLA uses every visible core)")
     p.add_argument("--shapes", default="32:64:64,16:128:128,8:256:256,32:128:64",
                    help="comma-separated size:in:out (the 64-128-256 U-Net's levels at 32 x 32 latents)")
+    p.add_argument("--cores", type=int, default=0,
+                   help="pin both workers to the first N cores (torch then uses N threads); 0: all visible cores")
     p.add_argument("--no-xla-defaults", action="store_true", help="skip the run under XLA's defaults")
     p.add_argument("--worker", choices=("ours", "theirs"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -107,7 +113,7 @@ def theirs_worker(args) -> dict:
 
 def run_worker(kind: str, args, defaults: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--batch", str(args.batch), "--repeats", str(args.repeats),
-           "--threads", str(args.threads), "--shapes", args.shapes]
+           "--threads", str(args.threads), "--shapes", args.shapes, "--cores", str(args.cores)]
     env = dict(os.environ, ALLPET_XLA_DEFAULTS="1") if defaults else None
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -133,7 +139,15 @@ def table(batch: int, ours: dict, theirs: list[dict], defaults: dict | None = No
 
 def main():
     args = parse_args()
+    if args.cores:
+        available = sorted(os.sched_getaffinity(0))
+        if args.cores > len(available):
+            sys.exit(f"conv_bench: --cores expects at most the {len(available)} cores this process may use; "
+                     f"got {args.cores}")
+        args.threads = args.cores
     if args.worker:
+        if args.cores:  # before jax or torch create their thread pools
+            os.sched_setaffinity(0, available[:args.cores])
         print(json.dumps((ours_worker if args.worker == "ours" else theirs_worker)(args)))
         return
     theirs = [run_worker("theirs", args)]
@@ -141,7 +155,8 @@ def main():
     defaults = None if args.no_xla_defaults else run_worker("ours", args, defaults=True)
     theirs.append(run_worker("theirs", args))
     print(f"3x3 convolutions, float32; {ours['version']} (XLA_FLAGS={ours['xla_flags']!r}), {theirs[0]['version']} "
-          f"({args.threads} threads, NCHW); median of {args.repeats} calls each")
+          f"({args.threads} threads, NCHW); median of {args.repeats} calls each"
+          + (f"; both pinned to {args.cores} core(s)" if args.cores else ""))
     print(table(args.batch, ours, theirs, defaults))
 
 

@@ -2,6 +2,7 @@
 
     pip install torch==2.13.0 diffusers      # the `bench` extra; CPU build of torch
     python benchmarks/unet_bench.py [--batch 8] [--repeats 7] [--size 32] [--threads 2]
+    python benchmarks/unet_bench.py --configs 64-128-256:64-128-256 --no-xla-defaults --without all
 
 One train step = forward + backward + AdamW update of an epsilon-prediction denoising loss on latents
 `(B, 4, size, size)` (4 x 32 x 32 is a 128 x 128 sinogram at factor 4). Ours is the jitted step with its
@@ -31,6 +32,12 @@ is XLA's `cost_analysis()` of the whole jitted step, AdamW update and elementwis
 transcendentals not; one line checks it against a hand count for a convolution (`benchmarks/flop_rate.py`).
 diffusers' FLOPs are not counted (torch gives no count here), so its rate is not printed. Nothing here
 asserts a speed.
+
+`--without` takes parts out of both sides alike, to split a gap between them (comma-separated, or `all`):
+`groupnorm` and `silu` become the identity, `attention` blocks the identity on their input, and `adamw`
+plain SGD (one update per parameter, as both frameworks still do). The difference between a full and a
+stripped run is what those parts cost each framework; what remains is convolutions, their gradients'
+transposes, the residual and skip plumbing, the embeddings and the loss.
 """
 
 from __future__ import annotations
@@ -43,6 +50,18 @@ import sys
 import time
 
 import numpy as np
+
+
+PARTS = ("groupnorm", "silu", "attention", "adamw")
+
+
+def parts_list(spec: str) -> str:
+    """`--without`'s value, checked and normalised to a comma-separated subset of `PARTS`."""
+    names = list(PARTS) if spec == "all" else [n for n in spec.split(",") if n]
+    unknown = [n for n in names if n not in PARTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"expected parts from {', '.join(PARTS)} or 'all'; got {', '.join(unknown)}")
+    return ",".join(n for n in PARTS if n in names)
 
 
 def parse_args(argv=None):
@@ -59,6 +78,8 @@ def parse_args(argv=None):
                    "allpet_jax.xla_cpu's choice (XNNPACK convolutions and dots)")
     p.add_argument("--no-xla-defaults", action="store_true",
                    help="skip the extra row of ours under XLA's own defaults (ALLPET_XLA_DEFAULTS=1)")
+    p.add_argument("--without", default="", type=parts_list,
+                   help=f"parts to take out of both sides: comma-separated from {', '.join(PARTS)}, or 'all'")
     p.add_argument("--worker", choices=("ours", "ours-xla-defaults", "theirs"), help=argparse.SUPPRESS)
     p.add_argument("--widths", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -85,11 +106,20 @@ def ours_worker(args, widths) -> dict:
     from allpet_jax.diffusion import linear_schedule
     from allpet_jax.models import LatentUNet, Prompt, compiled_cost, condition_channel_count, count_parameters
 
+    from allpet_jax.models import layers
+
+    without = set(args.without.split(",")) - {""}
+    if "groupnorm" in without:
+        layers.GroupNorm.__call__ = lambda self, x, film=None: x
+    if "silu" in without:
+        jax.nn.silu = lambda x: x  # this worker process only
+    if "attention" in without:
+        layers.SpatialSelfAttention.__call__ = lambda self, x: x
     B, S, z = args.batch, args.size, args.latent_channels
     model = LatentUNet(latent_channels=z, cond_channels=condition_channel_count(z), channels=widths,
                        num_res_blocks=2, attention_levels=(len(widths) - 1,),
                        rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))  # rbg: fast-compiling initialisers
-    optimizer = nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, optax.sgd(1e-4) if "adamw" in without else optax.adamw(1e-4), wrt=nnx.Param)
     schedule = linear_schedule(1000)
     graphdef, state = nnx.split((model, optimizer))
     # The step takes and returns the state as a flat list of arrays: flattening an `nnx.State` of
@@ -140,7 +170,24 @@ def theirs_worker(args, widths) -> dict:
                        block_out_channels=tuple(widths), attention_head_dim=widths[-1] // 4,
                        down_block_types=("DownBlock2D",) * (n - 1) + ("AttnDownBlock2D",),
                        up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (n - 1))
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    without = set(args.without.split(",")) - {""}
+
+    def strip(module):
+        for name, child in module.named_children():
+            if isinstance(child, torch.nn.GroupNorm) and "groupnorm" in without or (
+                    isinstance(child, torch.nn.SiLU) and "silu" in without):
+                setattr(module, name, torch.nn.Identity())
+            else:
+                strip(child)
+
+    strip(unet)
+    if "silu" in without:
+        F.silu = lambda x, inplace=False: x  # the functional calls (this worker process only)
+    if "attention" in without:
+        from diffusers.models.attention_processor import Attention
+
+        Attention.forward = lambda self, hidden_states, *a, **k: hidden_states
+    opt = (torch.optim.SGD if "adamw" in without else torch.optim.AdamW)(unet.parameters(), lr=1e-4)
     alpha_bar = torch.tensor(np.cumprod(1 - np.linspace(1e-4, 2e-2, 1000)), dtype=torch.float32)
     x0 = torch.randn(B, z, S, S)
 
@@ -167,7 +214,7 @@ def xla_defaults_cell(result, batch: int, theirs_samples_per_s: float) -> str:
 def run_worker(kind: str, widths: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--widths", widths, "--batch", str(args.batch),
            "--size", str(args.size), "--latent-channels", str(args.latent_channels),
-           "--repeats", str(args.repeats), "--threads", str(args.threads)]
+           "--repeats", str(args.repeats), "--threads", str(args.threads), "--without", args.without]
     env = None
     if kind == "ours" and args.xla_flags:
         env = dict(os.environ, XLA_FLAGS=args.xla_flags)
@@ -206,7 +253,8 @@ def main():
     print()
     print(f"Train step (fwd + bwd + AdamW), latents {B} x {args.latent_channels} x {args.size} x {args.size}, "
           f"torch threads {args.threads}; {first['version']} (XLA_FLAGS={first['xla_flags']!r}), "
-          f"{torch_before[theirs_widths[0]]['version']}")
+          f"{torch_before[theirs_widths[0]]['version']}"
+          + (f"; both sides without: {args.without}" if args.without else ""))
     print("| widths ours | widths diffusers | params ours | params diffusers | ours samples/s | diffusers samples/s "
           f"(pass 1 / pass 2) | ratio | ours under XLA's defaults: samples/s, ratio | our GFLOP/step | our GFLOP/s "
           f"| % of peak ({peak:.0f} GFLOP/s) | our memory MiB |")

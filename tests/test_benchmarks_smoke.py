@@ -170,3 +170,13 @@ def test_memorisation_power_copier_against_closed_form():
     assert power.copier_ratios(train, held, 0.0, 8, jax.random.key(0)) == pytest.approx(np.zeros(8), abs=1e-4)  # d^2 expanded: float64 rounding
     ratio = power.copier_ratios(train, held, d, 64, jax.random.key(1))
     assert np.median(ratio) == pytest.approx(1 / np.sqrt(2), rel=0.02)
+
+
+def test_unet_bench_without_parts():
+    """`--without` names the parts both sides lose, in one order; an unknown part is one clear error."""
+    bench = _load(os.path.join(os.path.dirname(_PATH), "unet_bench.py"))
+    assert bench.parse_args(["--without", "all"]).without == "groupnorm,silu,attention,adamw"
+    assert bench.parse_args(["--without", "silu,groupnorm"]).without == "groupnorm,silu"
+    assert bench.parse_args([]).without == ""
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--without", "silu,dropout"])
