@@ -22,11 +22,13 @@ convolution as patches times a matrix, so that oneDNN's or XNNPACK's dot takes i
 against 102 for XNNPACK's convolution (forward and both gradients, 8 x 32 x 32 x 64; one run on a loaded
 Intel Xeon). So no flag of this jaxlib gives our convolutions PyTorch's library, and none is needed: on a
 quiet Intel Xeon XNNPACK's 3x3 convolutions, forward and both gradients, run at 246-280 GFLOP/s, 80-90% of
-sgemm (session 12), and a Winograd F(2x2, 3x3) convolution through its dots is slower. oneDNN's do better
-inside diffusers' step (about 290 GFLOP/s by `torch.profiler`), so of the 64-128-256 step's remaining gap to
-PyTorch (about 130 ms) about 35 ms is the convolutions and the rest lies outside them
-(`benchmarks/conv_bench.py`, the README's train-step section; `models/layers.py` on the per-channel sums that
-were most of it before session 12).
+sgemm (session 12), and a Winograd F(2x2, 3x3) convolution through its dots is slower. On one core
+they match oneDNN's; what PyTorch keeps over us is how a small convolution spreads over two cores: at
+8 x 8 x 256 and batch 8 ours gain 1.45x from the second core, oneDNN's 1.74x (at batch 32 ours gain 1.75x),
+and the U-Net's residual blocks at the 16 x 16 and 8 x 8 levels gain 1.5-1.7x against PyTorch's 1.9x
+(`benchmarks/conv_bench.py --cores 1`, `benchmarks/resblock_bench.py --cores 1` against their defaults,
+session 15). No flag of this jaxlib changed that: XNNPACK's graph fusion modes, YNNPACK, oneDNN dots (the
+README's train-step section lists what was tried).
 
 `apply()` runs when `allpet_jax` is imported, before any computation creates XLA's CPU client (which reads
 `XLA_FLAGS` once). It changes nothing when:

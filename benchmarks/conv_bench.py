@@ -111,6 +111,20 @@ def theirs_worker(args) -> dict:
     return {"times": out, "version": f"torch {torch.__version__}"}
 
 
+def pin_cores(args) -> None:
+    """With `--cores N`: check N, give torch N threads, and in a worker pin this process to the first N cores
+    (before jax or torch create their thread pools). Without it, nothing."""
+    if not args.cores:
+        return
+    available = sorted(os.sched_getaffinity(0))
+    if not 0 < args.cores <= len(available):
+        sys.exit(f"{os.path.basename(sys.argv[0])}: --cores expects 1 to the {len(available)} cores this process "
+                 f"may use; got {args.cores}")
+    args.threads = args.cores
+    if args.worker:
+        os.sched_setaffinity(0, available[:args.cores])
+
+
 def run_worker(kind: str, args, defaults: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--batch", str(args.batch), "--repeats", str(args.repeats),
            "--threads", str(args.threads), "--shapes", args.shapes, "--cores", str(args.cores)]
@@ -139,15 +153,8 @@ def table(batch: int, ours: dict, theirs: list[dict], defaults: dict | None = No
 
 def main():
     args = parse_args()
-    if args.cores:
-        available = sorted(os.sched_getaffinity(0))
-        if args.cores > len(available):
-            sys.exit(f"conv_bench: --cores expects at most the {len(available)} cores this process may use; "
-                     f"got {args.cores}")
-        args.threads = args.cores
+    pin_cores(args)
     if args.worker:
-        if args.cores:  # before jax or torch create their thread pools
-            os.sched_setaffinity(0, available[:args.cores])
         print(json.dumps((ours_worker if args.worker == "ours" else theirs_worker)(args)))
         return
     theirs = [run_worker("theirs", args)]

@@ -180,3 +180,20 @@ def test_unet_bench_without_parts():
     assert bench.parse_args([]).without == ""
     with pytest.raises(SystemExit):
         bench.parse_args(["--without", "silu,dropout"])
+
+
+def test_resblock_bench_table_by_hand():
+    sys.path.insert(0, os.path.dirname(_PATH))  # resblock_bench imports conv_bench's helpers
+    try:
+        bench = _load(os.path.join(os.path.dirname(_PATH), "resblock_bench.py"))
+    finally:
+        sys.path.remove(os.path.dirname(_PATH))
+    n = len(bench.BLOCKS)
+    ours = {"times": [0.010] * n}
+    theirs = [{"times": [0.005] * n}, {"times": [0.015] * n}]  # pooled: the median of 5 and 15 ms is 10 ms
+    text = bench.table(8, ours, theirs)
+    assert "| 8 x 32 x 32, 64 -> 64 | 10.00 | 10.00 | 1.00x |" in text
+    theirs = [{"times": [0.008] * n}, {"times": [0.008] * n}]  # theirs 8 ms against our 10: we run at 0.80x
+    assert "| 8 x 8 x 8, 512 -> 256 | 10.00 | 8.00 | 0.80x |" in bench.table(8, ours, theirs)
+    with pytest.raises(SystemExit, match="--cores expects 1 to the"):
+        bench.pin_cores(bench.parse_args(["--cores", str(len(os.sched_getaffinity(0)) + 1)]))
