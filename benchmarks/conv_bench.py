@@ -125,6 +125,23 @@ def pin_cores(args) -> None:
         os.sched_setaffinity(0, available[:args.cores])
 
 
+def worker_main(args, ours_worker, theirs_worker) -> bool:
+    """Pin the cores (`pin_cores`); in a worker process also run its side and print the result as JSON. True
+    if this was a worker (the caller then returns)."""
+    pin_cores(args)
+    if args.worker:
+        print(json.dumps((ours_worker if args.worker == "ours" else theirs_worker)(args)))
+    return bool(args.worker)
+
+
+def torch_around(run_torch, *runs):
+    """Torch's first pass, then each of `runs` in order, then torch's second pass (so a drift in machine load
+    shows between the two torch passes): `([torch pass 1, torch pass 2], [results of runs])`."""
+    first = run_torch()
+    middle = [run() for run in runs]
+    return [first, run_torch()], middle
+
+
 def run_worker(kind: str, args, defaults: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--batch", str(args.batch), "--repeats", str(args.repeats),
            "--threads", str(args.threads), "--shapes", args.shapes, "--cores", str(args.cores)]
@@ -153,14 +170,11 @@ def table(batch: int, ours: dict, theirs: list[dict], defaults: dict | None = No
 
 def main():
     args = parse_args()
-    pin_cores(args)
-    if args.worker:
-        print(json.dumps((ours_worker if args.worker == "ours" else theirs_worker)(args)))
+    if worker_main(args, ours_worker, theirs_worker):
         return
-    theirs = [run_worker("theirs", args)]
-    ours = run_worker("ours", args)
-    defaults = None if args.no_xla_defaults else run_worker("ours", args, defaults=True)
-    theirs.append(run_worker("theirs", args))
+    theirs, (ours, defaults) = torch_around(
+        lambda: run_worker("theirs", args), lambda: run_worker("ours", args),
+        lambda: None if args.no_xla_defaults else run_worker("ours", args, defaults=True))
     print(f"3x3 convolutions, float32; {ours['version']} (XLA_FLAGS={ours['xla_flags']!r}), {theirs[0]['version']} "
           f"({args.threads} threads, NCHW); median of {args.repeats} calls each"
           + (f"; both pinned to {args.cores} core(s)" if args.cores else ""))

@@ -24,7 +24,7 @@ import sys
 
 import numpy as np
 
-from conv_bench import median_time, pin_cores
+from conv_bench import median_time, pin_cores, torch_around, worker_main
 
 BLOCKS = ((32, 64, 64), (32, 192, 64), (16, 128, 128), (16, 384, 128), (8, 256, 256), (8, 512, 256))
 EMB = 256
@@ -98,13 +98,9 @@ def table(batch: int, ours: dict, theirs: list[dict]) -> str:
 
 def main():
     args = parse_args()
-    pin_cores(args)
-    if args.worker:
-        print(json.dumps((ours_worker if args.worker == "ours" else theirs_worker)(args)))
+    if worker_main(args, ours_worker, theirs_worker):
         return
-    theirs = [run_worker("theirs", args)]
-    ours = run_worker("ours", args)
-    theirs.append(run_worker("theirs", args))
+    theirs, (ours,) = torch_around(lambda: run_worker("theirs", args), lambda: run_worker("ours", args))
     print(f"Residual block, forward + backward, float32; {ours['version']}, {theirs[0]['version']} "
           f"({args.threads} threads, NCHW); median of {args.repeats} calls each"
           + (f"; both pinned to {args.cores} core(s)" if args.cores else ""))
