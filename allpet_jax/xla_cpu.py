@@ -27,8 +27,8 @@ they match oneDNN's; what PyTorch keeps over us is how a small convolution sprea
 8 x 8 x 256 and batch 8 ours gain 1.45x from the second core, oneDNN's 1.74x (at batch 32 ours gain 1.75x),
 and the U-Net's residual blocks at the 16 x 16 and 8 x 8 levels gain 1.5-1.7x against PyTorch's 1.9x
 (`benchmarks/conv_bench.py --cores 1`, `benchmarks/resblock_bench.py --cores 1` against their defaults,
-session 15). No flag of this jaxlib changed that: XNNPACK's graph fusion modes, YNNPACK, oneDNN dots (the
-README's train-step section lists what was tried).
+session 15). No flag of this jaxlib changed that: XNNPACK's graph fusion modes, YNNPACK dots (the README's
+train-step section lists what was tried).
 
 `apply()` runs when `allpet_jax` is imported, before any computation creates XLA's CPU client (which reads
 `XLA_FLAGS` once). It changes nothing when:
