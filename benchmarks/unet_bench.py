@@ -104,9 +104,8 @@ def ours_worker(args, widths) -> dict:
 
     from allpet_jax import losses
     from allpet_jax.diffusion import linear_schedule
-    from allpet_jax.models import LatentUNet, Prompt, compiled_cost, condition_channel_count, count_parameters
-
-    from allpet_jax.models import layers
+    from allpet_jax.models import (LatentUNet, Prompt, compiled_cost, condition_channel_count, count_parameters,
+                                   layers)
 
     without = set(args.without.split(",")) - {""}
     if "groupnorm" in without:
