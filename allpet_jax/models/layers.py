@@ -125,8 +125,10 @@ class Linear(nnx.Linear):
     fused into the attention block's backward."""
 
     def __call__(self, x):
-        y = x @ self.kernel[...]
-        return y if self.bias is None else add_bias(y, self.bias[...])
+        bias = None if self.bias is None else self.bias[...]
+        x, kernel, bias = self.promote_dtype((x, self.kernel[...], bias), dtype=self.dtype)  # as nnx.Linear
+        y = self.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision)
+        return y if bias is None else add_bias(y, bias)
 
 
 class GroupNorm(nnx.Module):
