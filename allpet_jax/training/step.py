@@ -142,26 +142,34 @@ def device_step(
     """One optimisation step on this device's slice of the batch. Returns `(new_state, metrics)`.
 
     The EMA of the parameters decays by `ema_decay` per step; with `ema_warmup`, by `ema_decay_at(step)`,
-    which forgets the starting parameters (see there)."""
+    which forgets the starting parameters (see there).
+
+    A step whose loss or gradient norm is not finite keeps the parameters, optimiser state and EMA (the
+    step counter still advances). The choice is a `lax.cond` on the whole update rather than a
+    `jnp.where(finite, new, old)` per array: the `where` reads the old and new value of every parameter and
+    moment, and XLA recomputed each moment's update inside both the `where` and the parameter update, two
+    unordered readers of a donated buffer, so it copied every parameter and moment first (573 copies in the
+    workstation foundation step; none with the `cond`). The step is 2-3 % faster (in-process, alternating
+    pairs on a 2-core Intel Xeon, median of 15: workstation 0.981 and 0.974, cpu 0.969, issue 17 session 16)."""
     keys = sample_keys(state.key, state.step, batch["index"])
     loss, parts, grads = accumulate_gradients(loss_fn, state.params, state.frozen, batch, keys, n_micro)
     if axis_name is not None:
         loss, parts, grads = lax.pmean((loss, parts, grads), axis_name)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     decay = ema_decay_at(state.step, ema_decay) if ema_warmup else ema_decay
-    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema, params)
 
-    def keep_if_finite(new, old):
-        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    def update(params, opt_state, ema):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
 
+    params, opt_state, ema = lax.cond(finite, update, lambda *old: old, state.params, state.opt_state, state.ema)
     new_state = TrainState(
         step=state.step + 1,
-        params=keep_if_finite(params, state.params),
-        opt_state=keep_if_finite(opt_state, state.opt_state),
-        ema=keep_if_finite(ema, state.ema),
+        params=params,
+        opt_state=opt_state,
+        ema=ema,
         key=state.key,
         frozen=state.frozen,
     )
