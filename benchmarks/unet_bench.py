@@ -3,6 +3,7 @@
     pip install torch==2.13.0 diffusers      # the `bench` extra; CPU build of torch
     python benchmarks/unet_bench.py [--batch 8] [--repeats 7] [--size 32] [--threads 2]
     python benchmarks/unet_bench.py --configs 64-128-256:64-128-256 --no-xla-defaults --without all
+    python benchmarks/unet_bench.py --configs 64-128-256:64-128-256 --no-xla-defaults --clip-norm 1
 
 One train step = forward + backward + AdamW update of an epsilon-prediction denoising loss on latents
 `(B, 4, size, size)` (4 x 32 x 32 is a 128 x 128 sinogram at factor 4). Ours is the jitted step with its
@@ -38,6 +39,15 @@ asserts a speed.
 plain SGD (one update per parameter, as both frameworks still do). The difference between a full and a
 stripped run is what those parts cost each framework; what remains is convolutions, their gradients'
 transposes, the residual and skip plumbing, the embeddings and the loss.
+
+`--clip-norm C` clips the global gradient norm at `C` on both sides before the update, as both projects
+train: our `training.step.make_optimizer` chains `optax.clip_by_global_norm` before AdamW (`train.clip_norm =
+1.0`), and diffusers' training examples call `clip_grad_norm_(..., 1.0)` before `optimizer.step()`. The
+clip makes every update wait for every gradient, so XLA updates the donated parameters in place; without
+it each update waits only for its own gradient while the backward pass still reads the old weights (the
+input gradients' transposed kernels), and XLA copies every parameter first (216 copies here; `train.py`'s
+step has none, see `training.step.device_step`). The copies overlap other work: our step took 0.636 s
+with and without them, diffusers' 0.557 s without the clip and 0.568 s with it (issue 17, session 16).
 """
 
 from __future__ import annotations
@@ -64,6 +74,13 @@ def parts_list(spec: str) -> str:
     return ",".join(n for n in PARTS if n in names)
 
 
+def non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0; got {text}")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=8)
@@ -80,6 +97,8 @@ def parse_args(argv=None):
                    help="skip the extra row of ours under XLA's own defaults (ALLPET_XLA_DEFAULTS=1)")
     p.add_argument("--without", default="", type=parts_list,
                    help=f"parts to take out of both sides: comma-separated from {', '.join(PARTS)}, or 'all'")
+    p.add_argument("--clip-norm", type=non_negative, default=0.0,
+                   help="clip the global gradient norm at this value on both sides before the update (0: no clip)")
     p.add_argument("--worker", choices=("ours", "ours-xla-defaults", "theirs"), help=argparse.SUPPRESS)
     p.add_argument("--widths", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -118,7 +137,10 @@ def ours_worker(args, widths) -> dict:
     model = LatentUNet(latent_channels=z, cond_channels=condition_channel_count(z), channels=widths,
                        num_res_blocks=2, attention_levels=(len(widths) - 1,),
                        rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))  # rbg: fast-compiling initialisers
-    optimizer = nnx.Optimizer(model, optax.sgd(1e-4) if "adamw" in without else optax.adamw(1e-4), wrt=nnx.Param)
+    tx = optax.sgd(1e-4) if "adamw" in without else optax.adamw(1e-4)
+    if args.clip_norm > 0:
+        tx = optax.chain(optax.clip_by_global_norm(args.clip_norm), tx)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     schedule = linear_schedule(1000)
     graphdef, state = nnx.split((model, optimizer))
     # The step takes and returns the state as a flat list of arrays: flattening an `nnx.State` of
@@ -197,6 +219,8 @@ def theirs_worker(args, widths) -> dict:
         loss = F.mse_loss(unet(ab.sqrt() * x0 + (1 - ab).sqrt() * noise, t).sample, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if args.clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), args.clip_norm)
         opt.step()
 
     return {"params": sum(p.numel() for p in unet.parameters()), "times": timed_steps(step, args.repeats),
@@ -213,7 +237,8 @@ def xla_defaults_cell(result, batch: int, theirs_samples_per_s: float) -> str:
 def run_worker(kind: str, widths: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--widths", widths, "--batch", str(args.batch),
            "--size", str(args.size), "--latent-channels", str(args.latent_channels),
-           "--repeats", str(args.repeats), "--threads", str(args.threads), "--without", args.without]
+           "--repeats", str(args.repeats), "--threads", str(args.threads), "--without", args.without,
+           "--clip-norm", str(args.clip_norm)]
     env = None
     if kind == "ours" and args.xla_flags:
         env = dict(os.environ, XLA_FLAGS=args.xla_flags)
@@ -253,7 +278,8 @@ def main():
     print(f"Train step (fwd + bwd + AdamW), latents {B} x {args.latent_channels} x {args.size} x {args.size}, "
           f"torch threads {args.threads}; {first['version']} (XLA_FLAGS={first['xla_flags']!r}), "
           f"{torch_before[theirs_widths[0]]['version']}"
-          + (f"; both sides without: {args.without}" if args.without else ""))
+          + (f"; both sides without: {args.without}" if args.without else "")
+          + (f"; both sides clip the gradient norm at {args.clip_norm:g}" if args.clip_norm > 0 else ""))
     print("| widths ours | widths diffusers | params ours | params diffusers | ours samples/s | diffusers samples/s "
           f"(pass 1 / pass 2) | ratio | ours under XLA's defaults: samples/s, ratio | our GFLOP/step | our GFLOP/s "
           f"| % of peak ({peak:.0f} GFLOP/s) | our memory MiB |")

@@ -178,8 +178,11 @@ def test_unet_bench_without_parts():
     assert bench.parse_args(["--without", "all"]).without == "groupnorm,silu,attention,adamw"
     assert bench.parse_args(["--without", "silu,groupnorm"]).without == "groupnorm,silu"
     assert bench.parse_args([]).without == ""
+    assert bench.parse_args([]).clip_norm == 0.0 and bench.parse_args(["--clip-norm", "1"]).clip_norm == 1.0
     with pytest.raises(SystemExit):
         bench.parse_args(["--without", "silu,dropout"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--clip-norm", "-1"])
 
 
 def test_resblock_bench_table_by_hand():
